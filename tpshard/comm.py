@@ -45,6 +45,7 @@ __all__ = [
     "Group",
     "OfflineGroup",
     "init_parallelism",
+    "reset_parallelism",
     "resolve_group",
     "get_world_size",
     "get_rank",
@@ -162,6 +163,13 @@ def init_parallelism(tensor_parallel_size: int, device_type: str | None = None) 
     return mesh
 
 
+def reset_parallelism() -> None:
+    """Forget the default group set by :func:`init_parallelism` (e.g. before destroying it)."""
+    global _default_group, _default_mesh
+    _default_group = None
+    _default_mesh = None
+
+
 def resolve_group(group: Any = None) -> Group:
     """Normalize ``group`` (None, ProcessGroup, 1-D DeviceMesh or Group) to a :class:`Group`."""
     if isinstance(group, Group):
@@ -198,6 +206,11 @@ def get_rank(group: Any = None) -> int:
 # fused weight or activation whose rank slices are strided is reassembled in original order.
 
 
+# torch >= 2.13 names these *_single (the *_tensor names warn); older releases have only those.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _check(group: Group, what: str) -> None:
     if not group.can_communicate:
         raise RuntimeError(
@@ -219,7 +232,7 @@ def _all_gather(x: Tensor, dim: int, group: Group, segments: Sequence[int] | Non
     dim = dim % x.dim()
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((group.size * moved.shape[0], *moved.shape[1:]))
-    dist.all_gather_into_tensor(out, moved, group=group.process_group)
+    _all_gather_into(out, moved, group=group.process_group)
     # out is [rank0 shard | rank1 shard | ...] along dim 0, each shard in local layout order.
     shards = list(out.chunk(group.size, dim=0))
     full = layout.unshard(shards, 0, segments)
@@ -236,7 +249,7 @@ def _reduce_scatter(x: Tensor, dim: int, group: Group) -> Tensor:
             f"world size {group.size}"
         )
     out = moved.new_empty((moved.shape[0] // group.size, *moved.shape[1:]))
-    dist.reduce_scatter_tensor(out, moved, group=group.process_group)
+    _reduce_scatter_into(out, moved, group=group.process_group)
     return out.movedim(0, dim)
 
 
