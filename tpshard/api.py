@@ -1,0 +1,80 @@
+"""The public entry points: :func:`plan` (pure analysis) and :func:`parallelize`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from tpshard import comm
+from tpshard.capture import Captured, capture
+from tpshard.plan import Plan, PlanError
+from tpshard.planner import make_plan
+from tpshard.rewrite import rewrite
+
+__all__ = ["plan", "parallelize"]
+
+
+def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None) -> Plan:
+    return make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+
+
+def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
+         overrides: dict[str, str] | None = None) -> Plan:
+    """Plan how to split ``model`` over ``world_size`` ranks. Pure analysis: no process group,
+    no weights copied, the model untouched (a model on the meta device stays there).
+
+    ``overrides`` maps module paths (fnmatch patterns) to styles: "column", "row", "vocab",
+    "embed_dim", "replicate", or "column_no_gather" (an output head left split for
+    :func:`tpshard.vocab_parallel_cross_entropy`). An override that cannot hold is an error.
+
+    Example::
+
+        >>> import torch, tpshard
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        >>> p = tpshard.plan(mlp, 2)
+        >>> [(m.path, m.style) for m in p.modules.values()]
+        [('0', 'column'), ('2', 'row')]
+    """
+    return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides)
+
+
+def parallelize(model: nn.Module, world_size: int | None = None, *, example_inputs: tuple = (),
+                example_kwargs: dict | None = None, group: Any = None, plan: Plan | None = None,
+                overrides: dict[str, str] | None = None) -> nn.Module:
+    """This rank's tensor-parallel version of ``model``.
+
+    Runs inside an initialized torch.distributed job (e.g. under ``torchrun``); the rank comes
+    from ``group`` (default: the TP group of :func:`tpshard.init_parallelism`, else WORLD). Called
+    with the same replicated inputs on every rank, the result returns what ``model`` returns.
+    The original is not mutated; parameter names are the original qualified names, with local
+    shapes. Pass ``group=tpshard.OfflineGroup(rank, world_size)`` to build one rank's module
+    without a job (for inspection; it cannot run collectives).
+
+    Example (world size 1 needs no job)::
+
+        >>> import torch, tpshard
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(tpshard.parallelize(mlp, 1)(x), mlp(x))
+        True
+    """
+    g = comm.resolve_group(group)
+    if world_size is None:
+        world_size = plan.world_size if plan is not None else g.size
+    if g.size != world_size:
+        if group is None and g.size == 1:
+            raise RuntimeError(
+                f"parallelize(world_size={world_size}) needs a running torch.distributed job with "
+                f"{world_size} ranks, and none is initialized. Launch the script with "
+                f"`torchrun --nproc-per-node {world_size} script.py` and call "
+                "torch.distributed.init_process_group() first (or tpshard.init_parallelism). To build "
+                "one rank's module without a job, pass group=tpshard.OfflineGroup(rank, world_size)."
+            )
+        raise RuntimeError(f"world_size={world_size} but the tensor-parallel group has {g.size} ranks")
+    c = capture(model, example_inputs, example_kwargs)
+    if plan is None:
+        plan = _plan_captured(c, world_size, overrides)
+    elif plan.world_size != world_size:
+        raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
+    return rewrite(c, plan, g)

@@ -1,0 +1,189 @@
+"""Capture: an ``nn.Module`` plus example inputs -> a shape-annotated FX graph.
+
+Phases:
+1. trace with a leaf-aware ``torch.fx`` tracer (torch.nn layers stay ``call_module``); forward
+   arguments that are not given become constants (``concrete_args``), as their defaults;
+2. propagate shapes on fake tensors (no real memory, also for a model on the meta device);
+3. describe every node for the planner (:mod:`tpshard.ir`).
+
+The model is never modified: the traced GraphModule shares its submodules and parameters.
+
+Example::
+
+    >>> import torch
+    >>> c = capture(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+    >>> [op.kind for op in c.ops]
+    ['input', 'linear', 'pointwise', 'output']
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from tpshard.ir import Op, describe_fx
+
+__all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message names the module, the operation and the fix."""
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    ops: list[Op]
+    kind: str
+    model: nn.Module | None = None  # the original (for what tracing does not keep: buffer persistence)
+    example_inputs: tuple = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn layers are leaves (the default rule); remembers where tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m) or "<root>"
+            raise
+
+
+def _user_frame(tb: Any) -> str:
+    """The innermost source line outside torch: the operation that failed."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno}: {f.line}"
+
+
+def _signature_args(model: nn.Module, n_args: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Forward parameters that are neither given positionally nor by keyword: their defaults."""
+    sig = inspect.signature(model.forward)
+    concrete = {}
+    for i, (name, p) in enumerate(sig.parameters.items()):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if i < n_args or name in kwargs:
+            continue
+        if p.default is inspect.Parameter.empty:
+            continue
+        concrete[name] = p.default
+    return concrete
+
+
+def trace(model: nn.Module, n_args: int = 1, kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`CaptureError` naming the failing module."""
+    kwargs = kwargs or {}
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model, concrete_args=_signature_args(model, n_args, kwargs) or None)
+    except Exception as e:
+        where = tracer.failed_in or "<root>"
+        mod = model.get_submodule(where) if where != "<root>" else model
+        line = _user_frame(e.__traceback__)
+        raise CaptureError(
+            f"torch.fx could not trace module {where!r} ({type(mod).__name__})"
+            + (f" at {line}" if line else "")
+            + f": {type(e).__name__}: {e}. Symbolic tracing cannot follow Python control flow on "
+            "tensor values or shapes; rewrite that line without it, or mark the module as a leaf"
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def infer_example_inputs(model: nn.Module, gm: fx.GraphModule, batch: int = 2, seq: int = 8) -> tuple:
+    """Example inputs when they can be inferred without guessing: a single required input whose
+    first consumer is an nn.Embedding (integer ids) or an nn.Linear (floats of in_features)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if len(required) != 1:
+        raise CaptureError(
+            f"cannot infer example inputs for {type(model).__name__}: its forward takes "
+            f"{len(required)} required inputs ({[n.target for n in required]}); pass example_inputs=(...)"
+        )
+    first = _first_leaf(gm, required[0])
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if isinstance(first, nn.Embedding):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, first.num_embeddings, (batch, seq), generator=g)
+        return (ids.to(device),)
+    if isinstance(first, nn.Linear):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, first.in_features, generator=g, dtype=first.weight.dtype if first.weight.is_floating_point() else None)
+        return (x.to(device),)
+    raise CaptureError(
+        f"cannot infer example inputs for {type(model).__name__}: its input first reaches "
+        f"{type(first).__name__ if first is not None else 'no nn.Embedding or nn.Linear'}; pass example_inputs=(...)"
+    )
+
+
+def _first_leaf(gm: fx.GraphModule, start: fx.Node) -> nn.Module | None:
+    frontier = [start]
+    seen = set()
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.op == "call_module":
+                    return gm.get_submodule(u.target)
+                nxt.append(u)
+        frontier = nxt
+    return None
+
+
+def _propagate_shapes(gm: fx.GraphModule, args: list[Any]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    interp = ShapeProp(gm)
+    with fake_mode:
+        interp.run(*fake_args)
+
+
+def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None) -> Captured:
+    """Trace ``model``, annotate shapes from the example inputs, and describe every node."""
+    example_kwargs = dict(example_kwargs or {})
+    example_inputs = tuple(example_inputs)
+    gm = trace(model, len(example_inputs), example_kwargs)
+    if not example_inputs and not example_kwargs:
+        example_inputs = infer_example_inputs(model, gm)
+    args = []
+    pos = list(example_inputs)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if pos:
+            args.append(pos.pop(0))
+        elif node.target in example_kwargs:
+            args.append(example_kwargs[node.target])
+        elif node.args:
+            args.append(node.args[0])
+        else:
+            raise CaptureError(f"no example value for the input {node.target!r} of {type(model).__name__}")
+    try:
+        _propagate_shapes(gm, args)
+    except Exception as e:
+        raise CaptureError(f"running {type(model).__name__} on the example inputs failed: {e}") from e
+    return Captured(gm, describe_fx(gm), "fx", model, example_inputs, example_kwargs)

@@ -1,0 +1,198 @@
+"""The Plan: plain data that says how a model is split, shared by the rewriter, the CLI, the
+checkpoint code and the verifier.
+
+A Plan holds
+- ``modules``: per linear/embedding use, its style (column, row, vocab, embed_dim, replicate,
+  column_no_gather), the reason, and the collectives it brings;
+- ``params``: per parameter (and buffer), the split dim and layout, or replicated;
+- ``edits``: the graph changes the rewriter makes, each naming the node it acts on —
+  collectives on edges (copy, reduce, gather, scatter) and shape literals divided by the
+  world size.
+
+It prints as a table (:meth:`Plan.explain`) and round-trips through JSON exactly.
+
+Example::
+
+    >>> p = Plan(world_size=2, params={"w": ParamShard(shape=(4, 2), dim=0)})
+    >>> Plan.from_json(p.to_json()) == p
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpshard import layout
+
+__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "PlanError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+
+
+class PlanError(ValueError):
+    """The model cannot be planned as asked; the message names the module or node and the fix."""
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """How one parameter or buffer is split: along ``dim`` with ``segments`` (None: contiguous),
+    or replicated when ``dim`` is None. ``shape`` is the full shape."""
+
+    shape: tuple[int, ...]
+    dim: int | None = None
+    segments: tuple[int, ...] | None = None
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim is None
+
+    def local_shape(self, world_size: int) -> tuple[int, ...]:
+        if self.dim is None:
+            return tuple(self.shape)
+        s = list(self.shape)
+        s[self.dim] //= world_size
+        return tuple(s)
+
+    def shard(self, tensor: Any, rank: int, world_size: int) -> Any:
+        """This rank's part of the full ``tensor`` (the tensor itself when replicated)."""
+        if self.dim is None:
+            return tensor
+        return layout.shard(tensor, self.dim, rank, world_size, self.segments)
+
+    def unshard(self, shards: list[Any]) -> Any:
+        if self.dim is None:
+            return shards[0]
+        return layout.unshard(shards, self.dim, self.segments)
+
+
+@dataclass
+class ModulePlan:
+    """The style of one linear or embedding use (``path`` is its module, or module:node)."""
+
+    path: str
+    kind: str                    # linear | embedding
+    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather
+    params: list[str] = field(default_factory=list)
+    reason: str = ""
+    segments: tuple[int, ...] | None = None   # layout of the split features (column/row)
+    collectives: dict[str, int] = field(default_factory=dict)  # "fwd all_reduce" -> count
+
+
+@dataclass
+class Edit:
+    """One graph change. ``kind``:
+
+    - copy: ``node``'s value enters the parallel region for ``users`` (fwd identity, bwd all-reduce)
+    - reduce: all-reduce ``node`` (a partial sum) for ``users``, then add ``biases`` once
+    - gather: all-gather ``node`` along ``dim`` (``segments`` layout) for ``users``
+    - scatter: keep this rank's slice of ``node`` along ``dim`` for ``users`` (free when no
+      gradient flows); ``reduced``: the slice is of the all-reduced value
+    - shape: the shape argument at output ``dim`` of view/reshape/expand ``node`` becomes ``size``
+    - split_sizes: the sizes argument of split ``node`` becomes ``sizes``
+    """
+
+    kind: str
+    node: str
+    users: list[str] = field(default_factory=list)
+    dim: int | None = None
+    segments: tuple[int, ...] | None = None
+    biases: list[str] = field(default_factory=list)
+    size: int | None = None
+    sizes: list[int] | None = None
+    reduced: bool = False
+
+
+@dataclass
+class Plan:
+    """How a model is split over ``world_size`` ranks (see module docstring)."""
+
+    world_size: int
+    modules: dict[str, ModulePlan] = field(default_factory=dict)
+    params: dict[str, ParamShard] = field(default_factory=dict)
+    edits: list[Edit] = field(default_factory=list)
+    capture: str = "fx"
+    ties: dict[str, str] = field(default_factory=dict)  # alias parameter name -> the name it is tied to
+    notes: list[str] = field(default_factory=list)
+
+    # -- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """The plan as JSON; :meth:`from_json` gives back an equal Plan."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        version = d.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise PlanError(f"plan format version {version} is newer than this tpshard reads "
+                            f"({FORMAT_VERSION}); upgrade tpshard")
+        tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
+        modules = {k: ModulePlan(**{**m, "segments": tup(m.get("segments"))}) for k, m in d["modules"].items()}
+        params = {k: ParamShard(shape=tuple(p["shape"]), dim=p["dim"], segments=tup(p["segments"]))
+                  for k, p in d["params"].items()}
+        edits = [Edit(**{**e, "segments": tup(e.get("segments"))}) for e in d["edits"]]
+        return cls(world_size=d["world_size"], modules=modules, params=params, edits=edits,
+                   capture=d.get("capture", "fx"), ties=dict(d.get("ties", {})),
+                   notes=list(d.get("notes", [])))
+
+    @classmethod
+    def from_json(cls, s: str) -> "Plan":
+        return cls.from_dict(json.loads(s))
+
+    # -- summaries --------------------------------------------------------------------------
+    def collective_counts(self) -> dict[str, int]:
+        """Collectives per forward and backward pass, e.g. {"fwd all_reduce": 5, ...}."""
+        total: dict[str, int] = {}
+        for m in self.modules.values():
+            for k, v in m.collectives.items():
+                total[k] = total.get(k, 0) + v
+        return dict(sorted(total.items()))
+
+    def param_counts(self) -> tuple[int, int]:
+        """(elements per rank, elements of the whole model) over the planned parameters."""
+        per_rank = full = 0
+        for name, p in self.params.items():
+            if name in self.ties:
+                continue  # counted under the name it is tied to
+            n = 1
+            for s in p.shape:
+                n *= s
+            full += n
+            per_rank += n if p.dim is None else n // self.world_size
+        return per_rank, full
+
+    def explain(self) -> str:
+        """A table: module, style, split dim, parameters per rank, collectives, and why."""
+        rows = [("module", "style", "split", "params/rank", "collectives", "why")]
+        for path, m in self.modules.items():
+            split = "-"
+            elems = 0
+            for name in m.params:
+                p = self.params.get(name)
+                if p is None:
+                    continue
+                if p.dim is not None and split == "-":
+                    split = f"dim {p.dim}" + (f" {list(p.segments)}" if p.segments and len(p.segments) > 1 else "")
+                n = 1
+                for s in p.local_shape(self.world_size):
+                    n *= s
+                elems += n
+            coll = ", ".join(f"{k} x{v}" for k, v in m.collectives.items()) or "-"
+            rows.append((path, m.style, split, f"{elems:,}", coll, m.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+        per_rank, full = self.param_counts()
+        totals = ", ".join(f"{k} x{v}" for k, v in self.collective_counts().items()) or "none"
+        lines.append("")
+        lines.append(f"world size {self.world_size}: {per_rank:,} of {full:,} parameter elements per rank "
+                     f"({100 * per_rank / max(full, 1):.1f}%); collectives per step: {totals}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()

@@ -1,0 +1,246 @@
+"""The rewriter: apply a Plan to a captured graph and build one rank's module.
+
+It never decides: every module style, parameter split, collective and shape literal comes
+from the Plan. It never mutates its input: a new GraphModule is built, with
+
+- tpshard's parallel layers (or copies of the replicated modules) at the original qualified
+  names, holding exact copies of this rank's weight shards (ties kept: one Parameter);
+- the collectives as explicit graph nodes calling :mod:`tpshard.comm`, inserted on the edges
+  the Plan names (reduce first, then copy/scatter/gather), each shared by all its users;
+- literal shape arguments at split dims replaced by the local sizes.
+
+Example::
+
+    >>> import torch
+    >>> from tpshard.capture import capture
+    >>> from tpshard.planner import make_plan
+    >>> from tpshard.comm import OfflineGroup
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> c = capture(mlp)
+    >>> rank0 = rewrite(c, make_plan(c.gm, c.ops, 2), OfflineGroup(0, 2))
+    >>> rank0.get_submodule("0").weight.shape
+    torch.Size([4, 4])
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tpshard import comm
+from tpshard.capture import Captured
+from tpshard.ir import Op
+from tpshard.plan import Edit, Plan, PlanError
+
+__all__ = ["rewrite", "GROUP_ATTR"]
+
+GROUP_ATTR = "_tpshard_group"
+
+
+def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
+    from tpshard import layers
+
+    mp = plan.modules.get(path)
+    style = mp.style if mp is not None else "replicate"
+    if style in ("column", "column_no_gather"):
+        return layers.ColumnParallelLinear.from_module(orig, segments=mp.segments, group=group,
+                                                       copy_input=False, gather_output=False)
+    if style == "row":
+        return layers.RowParallelLinear.from_module(orig, segments=mp.segments, group=group,
+                                                    input_is_parallel=True, reduce_output=False)
+    if style == "vocab":
+        return layers.VocabParallelEmbedding.from_module(orig, group=group, reduce_output=False)
+    if style == "embed_dim":
+        return layers.ParallelEmbedding.from_module(orig, group=group)
+    return copy.deepcopy(orig)
+
+
+def _build_attr(gm: fx.GraphModule, target: str, plan: Plan, group: comm.Group) -> Any:
+    value = gm.get_parameter(target) if _is_param(gm, target) else _get(gm, target)
+    if not isinstance(value, torch.Tensor):
+        return value
+    shard = plan.params.get(target)
+    local = shard.shard(value, group.rank, group.size) if shard is not None else value
+    local = local.detach().clone()
+    if isinstance(value, nn.Parameter):
+        return nn.Parameter(local, requires_grad=value.requires_grad)
+    return local
+
+
+def _is_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _tie(root: dict[str, Any], gm: fx.GraphModule) -> None:
+    """Parameters that were one tensor in the original stay one Parameter (first copy wins)."""
+    seen: dict[int, nn.Parameter] = {}
+    for target, new in root.items():
+        if isinstance(new, nn.Parameter):
+            orig = gm.get_parameter(target)
+            if id(orig) in seen:
+                root[target] = seen[id(orig)]
+            else:
+                seen[id(orig)] = new
+        elif isinstance(new, nn.Module):
+            orig_mod = gm.get_submodule(target)
+            for name, orig in orig_mod.named_parameters(remove_duplicate=False):
+                owner_path, _, attr = name.rpartition(".")
+                owner = new.get_submodule(owner_path) if owner_path else new
+                if id(orig) in seen:
+                    setattr(owner, attr, seen[id(orig)])
+                else:
+                    seen[id(orig)] = getattr(owner, attr)
+
+
+def _set_shape(node: fx.Node, op: Op, dim: int, size: int) -> None:
+    where = op.attrs.get("shape_arg")
+    if where is None:
+        raise PlanError(f"cannot rewrite the shape of {node.format_node()}: its shape argument is not literal")
+    kind, pos = where
+    if kind == "kw":
+        shape = list(node.kwargs[pos])
+        shape[dim] = size
+        node.kwargs = {**node.kwargs, pos: tuple(shape)}
+        return
+    args = list(node.args)
+    if kind == "tuple":
+        shape = list(args[pos])
+        if dim >= len(shape):
+            raise PlanError(f"cannot rewrite the shape of {node.format_node()}")
+        shape[dim] = size
+        args[pos] = type(args[pos])(shape)
+    else:
+        if pos + dim >= len(args):
+            raise PlanError(f"cannot rewrite the shape of {node.format_node()}")
+        args[pos + dim] = size
+    node.args = tuple(args)
+
+
+def _set_split_sizes(node: fx.Node, sizes: list[int]) -> None:
+    args = list(node.args)
+    key = "split_size" if "split_size" in node.kwargs else "split_size_or_sections"
+    current = args[1] if len(args) > 1 else node.kwargs.get(key)
+    new = sizes[0] if isinstance(current, int) else list(sizes)
+    if len(args) > 1:
+        args[1] = new
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, key: new}
+
+
+def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule:
+    """Build this rank's module from ``captured`` and ``plan`` (see module docstring)."""
+    g = comm.resolve_group(group)
+    if plan.world_size != g.size:
+        raise PlanError(f"the plan is for world size {plan.world_size}, but the group has {g.size} ranks")
+    gm = captured.gm
+    ops = {op.node.name: op for op in captured.ops}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for e in plan.edits:
+        if e.node not in nodes or any(u not in nodes for u in e.users):
+            raise PlanError(f"the plan's edit {e.kind} names node {e.node!r}, which this capture does not have; "
+                            "make the plan from the same model and inputs")
+
+    # Phase 1: modules and attributes at the original qualified names.
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in root:
+            root[node.target] = _build_module(gm.get_submodule(node.target), node.target, plan, g)
+        elif node.op == "get_attr" and node.target not in root:
+            root[node.target] = _build_attr(gm, node.target, plan, g)
+    _tie(root, gm)
+    for e in plan.edits:  # row biases, added after the reduce, are graph attributes too
+        for b in e.biases:
+            if b not in root:
+                owner, _, attr = b.rpartition(".")
+                root[b] = getattr(root[owner], attr)
+
+    # Phase 2: index the edits by edge. Order on an edge: reduce, then copy | scatter | gather.
+    edge: dict[tuple[str, str], list[Edit]] = {}
+    shape_edits: dict[str, list[Edit]] = {}
+    for e in plan.edits:
+        if e.kind in ("shape", "split_sizes"):
+            shape_edits.setdefault(e.node, []).append(e)
+        else:
+            for u in e.users:
+                edge.setdefault((e.node, u), []).append(e)
+    order = {"reduce": 0, "copy": 1, "scatter": 1, "gather": 1}
+    for v in edge.values():
+        v.sort(key=lambda e: order[e.kind])
+
+    # Phase 3: copy the graph node by node, inserting the collectives before their first user.
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    made: dict[tuple, fx.Node] = {}
+    state: dict[str, fx.Node] = {}
+
+    def group_node() -> fx.Node:
+        if "group" not in state:
+            state["group"] = graph.get_attr(GROUP_ATTR)
+        return state["group"]
+
+    def apply(src: fx.Node, e: Edit, value: fx.Node) -> fx.Node:
+        key = (e.kind, src.name, e.dim, e.segments, e.reduced)
+        if key in made:
+            return made[key]
+        if e.kind == "reduce":
+            out = graph.call_function(comm.mp_reduce, (value, group_node()))
+            for b in e.biases:
+                out = graph.call_function(operator.add, (out, graph.get_attr(b)))
+        elif e.kind == "copy":
+            out = graph.call_function(comm.mp_copy, (value, group_node()))
+        elif e.kind == "scatter":
+            out = graph.call_function(comm.mp_scatter, (value, e.dim, group_node(), e.segments))
+        else:
+            out = graph.call_function(comm.mp_gather, (value, e.dim, group_node(), e.segments))
+        made[key] = out
+        return out
+
+    for node in gm.graph.nodes:
+        def lookup(a: fx.Node, user: fx.Node = node) -> fx.Node:
+            value = env[a]
+            for e in edge.get((a.name, user.name), ()):
+                value = apply(a, e, value)
+            return value
+
+        new = graph.node_copy(node, lookup)
+        env[node] = new
+        for e in shape_edits.get(node.name, ()):
+            if e.kind == "shape":
+                _set_shape(new, ops[node.name], e.dim, e.size)
+            else:
+                _set_split_sizes(new, e.sizes)
+
+    root[GROUP_ATTR] = g
+    out = fx.GraphModule(root, graph, f"TP{type(gm).__name__}")
+    _restore_buffer_persistence(out, captured.model if captured.model is not None else gm)
+    out.train(gm.training)
+    out.tpshard_plan = plan
+    return out
+
+
+def _restore_buffer_persistence(new: nn.Module, orig: nn.Module) -> None:
+    for name, _ in list(new.named_buffers()):
+        owner_path, _, attr = name.rpartition(".")
+        try:
+            orig_owner = orig.get_submodule(owner_path) if owner_path else orig
+        except AttributeError:
+            continue
+        if attr in getattr(orig_owner, "_non_persistent_buffers_set", ()):
+            owner = new.get_submodule(owner_path) if owner_path else new
+            owner._non_persistent_buffers_set.add(attr)
