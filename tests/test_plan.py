@@ -147,7 +147,11 @@ def test_untraceable_model_names_module_and_operation() -> None:
     with pytest.raises(tpshard.CaptureError) as e:
         tpshard.plan(model, 2)
     msg = str(e.value)
-    assert "'1'" in msg and "Inner" in msg and "if x.sum() > 0" in msg
+    assert "'1'" in msg and "Inner" in msg and "if x.sum() > 0" in msg and "example_inputs" in msg
+    # With inputs, the torch.export fallback is tried too; its failure is reported beside.
+    with pytest.raises(tpshard.CaptureError) as e:
+        tpshard.plan(model, 2, example_inputs=(torch.randn(2, 4),))
+    assert "'1'" in str(e.value) and "torch.export failed too" in str(e.value)
 
 
 def test_parallelize_without_a_job_explains_torchrun() -> None:

@@ -41,7 +41,9 @@ class Split:
 
 @dataclass(frozen=True)
 class Partial:
-    biases: frozenset = frozenset()  # row-bias parameter names to add once after the reduce
+    # Replicated terms to add once after the reduce: row-bias parameter names, and "%node" for
+    # a replicated value that was added to the partial sum (so P + R + P needs one reduce).
+    biases: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -232,9 +234,14 @@ def _pointwise(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
         tensors_are_partial = len(partials) == len(ins)
         if fn in ("add",) and tensors_are_partial and linear_in == set(range(len(ins))):
             return Partial(frozenset().union(*(ins[i].biases for i in partials))), [SAME] * len(ins)
-        if len(ins) == 1 and fn in _PASS_PARTIAL_UNARY:
-            return ins[0], [SAME]
-        if tensors_are_partial and linear_in == {0} and len(ins) == 1 and not ins[0].biases:
+        if fn == "add" and len(ins) == 2 and linear_in == {0, 1}:
+            (i,) = partials
+            r = op.tensors[1 - i]
+            if ins[1 - i] is REPLICATED and shape_of(r) is not None:
+                return Partial(ins[i].biases | {f"%{r.name}"}), [SAME, SAME]
+        if len(ins) == 1 and fn in _PASS_PARTIAL_UNARY and _same_dtype(op.node, op.tensors[0]):
+            return ins[0], [SAME]  # (a cast that rounds would round each partial: reduce first)
+        if fn in ("mul", "div", "neg") and linear_in == {0} and len(ins) == 1 and not ins[0].biases:
             return ins[0], [SAME]  # scaled by a number
         return REPLICATED, _need_r(op, ins)
     if not splits:
@@ -258,6 +265,17 @@ def _pointwise(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
         else:
             needs.append(Split(k, p0.var))  # replicated or partial: this rank's slice of it
     return Split(dim_out, p0.var), needs
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    def dtype(n: Any) -> Any:
+        meta = n.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "dtype"):
+            return meta.dtype
+        val = n.meta.get("val")
+        return getattr(val, "dtype", None)
+    da, db = dtype(a), dtype(b)
+    return da is not None and da == db
 
 
 def view_groups(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -309,6 +327,8 @@ def _view(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     if group is None or not group[1]:
         raise Fail(op, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} does not keep split dim {x.dim}")
     gi, go = group
+    if len(gi) == 1 and len(go) == 1:  # the split dim itself passes unchanged (e.g. (B*T, F) -> (B, T, F))
+        return Split(go[0], x.var), [SAME]
     a = gi[0]
     inner_in = math.prod(in_shape[x.dim + 1: gi[-1] + 1])
     outer_in = math.prod(in_shape[a: x.dim])

@@ -46,6 +46,7 @@ class Captured:
     model: nn.Module | None = None  # the original (for what tracing does not keep: buffer persistence)
     example_inputs: tuple = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
 
 
 class _Tracer(fx.Tracer):
@@ -162,10 +163,41 @@ def _propagate_shapes(gm: fx.GraphModule, args: list[Any]) -> None:
         interp.run(*fake_args)
 
 
-def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None) -> Captured:
-    """Trace ``model``, annotate shapes from the example inputs, and describe every node."""
+def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None,
+            method: str = "auto") -> Captured:
+    """Capture ``model``: symbolic tracing first, ``torch.export`` when tracing fails.
+
+    ``method``: "auto", "fx" (symbolic tracing only) or "export".
+    """
+    from tpshard.capture_export import capture_export
+
     example_kwargs = dict(example_kwargs or {})
     example_inputs = tuple(example_inputs)
+    if method not in ("auto", "fx", "export"):
+        raise ValueError(f"capture method {method!r}: use 'auto', 'fx' or 'export'")
+    if method == "export":
+        return capture_export(model, _require_inputs(model, example_inputs, example_kwargs), example_kwargs)
+    try:
+        return _capture_fx(model, example_inputs, example_kwargs)
+    except CaptureError as fx_error:
+        if method == "fx":
+            raise
+        if not example_inputs and not example_kwargs:
+            raise CaptureError(f"{fx_error}\nPass example_inputs=(...) to let tpshard capture it with "
+                               "torch.export instead") from None
+        try:
+            return capture_export(model, example_inputs, example_kwargs)
+        except Exception as e:
+            raise CaptureError(f"{fx_error}\n... and torch.export failed too: {type(e).__name__}: {e}") from e
+
+
+def _require_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    if args or kwargs:
+        return args
+    raise CaptureError(f"capturing {type(model).__name__} with torch.export needs example_inputs=(...)")
+
+
+def _capture_fx(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Captured:
     gm = trace(model, len(example_inputs), example_kwargs)
     if not example_inputs and not example_kwargs:
         example_inputs = infer_example_inputs(model, gm)

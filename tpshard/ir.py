@@ -76,15 +76,23 @@ def shape_of(node: Any) -> Any:
     if meta is None:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            return tuple(int(s) for s in val.shape)
+            return tuple(_hint(s) for s in val.shape)
         if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
-            return [tuple(int(s) for s in v.shape) for v in val]
+            return [tuple(_hint(s) for s in v.shape) for v in val]
         return None
     if hasattr(meta, "shape"):
-        return tuple(int(s) for s in meta.shape)
+        return tuple(_hint(s) for s in meta.shape)
     if isinstance(meta, (list, tuple)):
-        return [tuple(int(s) for s in m.shape) if hasattr(m, "shape") else None for m in meta]
+        return [tuple(_hint(s) for s in m.shape) if hasattr(m, "shape") else None for m in meta]
     return None
+
+
+def _hint(s: Any) -> int:
+    """A concrete size: symbolic sizes (dynamic batch and sequence dims) give their example value."""
+    if isinstance(s, int):
+        return s
+    hint = getattr(getattr(s, "node", None), "hint", None)
+    return int(hint) if hint is not None else int(s)
 
 
 def owner(qualname: str) -> str:

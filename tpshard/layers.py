@@ -604,6 +604,26 @@ class ParallelEmbedding(_ParallelLayer):
         return s + f", rank={self.rank}, world_size={self.world_size}"
 
 
+def vocab_parallel_lookup(ids: Tensor, weight: Tensor, vocab_start: int, padding_idx: int | None = None) -> Tensor:
+    """This rank's partial embedding: rows of ``weight`` (ids ``[vocab_start, vocab_start +
+    weight.shape[0])``) for the ids it owns, zeros elsewhere. Summed over ranks: the lookup.
+
+    ``ids (*)`` -> ``(*, dim)``; ``padding_idx`` is local (None when another rank owns it).
+
+    Example::
+
+        >>> w = torch.arange(6.0).view(3, 2)
+        >>> vocab_parallel_lookup(torch.tensor([2, 3, 4]), w, vocab_start=2).tolist()
+        [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    """
+    vocab_end = vocab_start + weight.shape[0]
+    owned = (ids >= vocab_start) & (ids < vocab_end)  # (*) bool
+    # Other ranks' ids read local row 0; their outputs (and so the grads) are zeroed.
+    local = torch.where(owned, ids - vocab_start, torch.zeros_like(ids))
+    out = F.embedding(local, weight, padding_idx)  # (*, dim)
+    return out.masked_fill(~owned.unsqueeze(-1), 0.0)
+
+
 class VocabParallelEmbedding(_ParallelLayer):
     """``nn.Embedding`` split on the vocabulary: rank r owns ids ``[r*V/N, (r+1)*V/N)``.
 
@@ -723,10 +743,7 @@ class VocabParallelEmbedding(_ParallelLayer):
             rows = F.embedding(ids[owned] - self.vocab_start, self.weight, *args)  # (M, dim)
             out = rows.new_zeros((*ids.shape, self.embedding_dim)).index_put((owned,), rows)
         else:
-            # Other ranks' ids read local row 0; their outputs (and so the grads) are zeroed.
-            local = torch.where(owned, ids - self.vocab_start, torch.zeros_like(ids))
-            out = F.embedding(local, self.weight, *args)  # (*, dim)
-            out = out.masked_fill(~owned.unsqueeze(-1), 0.0)
+            out = vocab_parallel_lookup(ids, self.weight, self.vocab_start, self.local_padding_idx)
         if self.reduce_output:
             out = comm.mp_reduce(out, self.group)  # exactly one rank contributed each row
         return out

@@ -87,11 +87,17 @@ class Edit:
 
     - copy: ``node``'s value enters the parallel region for ``users`` (fwd identity, bwd all-reduce)
     - reduce: all-reduce ``node`` (a partial sum) for ``users``, then add ``biases`` once
+      (parameter names, or "%name" for a replicated node added to the partial sum)
     - gather: all-gather ``node`` along ``dim`` (``segments`` layout) for ``users``
     - scatter: keep this rank's slice of ``node`` along ``dim`` for ``users`` (free when no
       gradient flows); ``reduced``: the slice is of the all-reduced value
     - shape: the shape argument at output ``dim`` of view/reshape/expand ``node`` becomes ``size``
     - split_sizes: the sizes argument of split ``node`` becomes ``sizes``
+    - skip_add: the add ``node`` of a partial sum and a replicated value passes on its input
+      ``dim`` (the partial sum) alone; the replicated value is added after the reduce
+    - drop_bias: the functional row linear ``node`` runs without its bias (added after the reduce)
+    - vocab_lookup: the functional embedding ``node`` (vocabulary ``size``) becomes this rank's
+      masked partial lookup
     """
 
     kind: str

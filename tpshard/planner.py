@@ -43,6 +43,8 @@ _MISSING = object()
 
 def _key(op: Op) -> str:
     """The plan's name for a linear/embedding use: its module path, or path:node for F.linear."""
+    if "key" in op.attrs:
+        return op.attrs["key"]
     if op.node.op == "call_module":
         return op.module
     return f"{op.module}:{op.node.name}" if op.module else op.node.name
@@ -260,7 +262,7 @@ class _Planner:
             if op.kind == "embedding" and op.name not in self.state.styles:
                 self.seed_embedding(op)
             elif op.kind == "linear" and op.name not in self.state.styles:
-                if self.state.place.get(op.tensors[0], A.REPLICATED) is A.REPLICATED:
+                if not isinstance(self.state.place.get(op.tensors[0]), A.Split):  # R, or P reduced first
                     self.seed_linear(op)
         for pattern in self.overrides:
             if pattern not in self.used_overrides:
@@ -311,8 +313,6 @@ class _Planner:
         n = self.world_size
         if ov == "replicate" or n == 1:
             return self.replicate(op, "override" if ov else "world size 1")
-        if op.node.op != "call_module":
-            return self.replicate(op, "functional F.embedding is kept whole (use an nn.Embedding module to split it)")
         if ov == "embed_dim":
             if dim % n:
                 raise PlanError(f"{_key(op)}: embedding_dim {dim} is not divisible by the world size {n}")

@@ -119,6 +119,16 @@ def replay(pl: "_Planner") -> Plan:
                     add("reduce", t, op.node, biases=sorted(p.biases))
                 add("scatter", t, op.node, dim=need.dim, segments=seg(need.var),
                     reduced=isinstance(p, A.Partial))
+        if isinstance(out, A.Partial) and op.kind == "pointwise" and any(p is A.REPLICATED for p in ins):
+            # P + R: the add passes P on; R is added once after the reduce (an addend "%name").
+            keep = next(i for i, p in enumerate(ins) if isinstance(p, A.Partial))
+            edits[("skip_add", op.name)] = Edit(kind="skip_add", node=op.name, dim=keep)
+        if op.node.op != "call_module":  # functional layers: the rewriter edits the call itself
+            if op.kind == "linear" and style == "row" and op.attrs["bias"]:
+                edits[("drop_bias", op.name)] = Edit(kind="drop_bias", node=op.name)
+            if op.kind == "embedding" and style == "vocab":
+                vocab = pl.param_shapes[op.attrs["weight"]][0]
+                edits[("vocab_lookup", op.name)] = Edit(kind="vocab_lookup", node=op.name, size=vocab)
         if op.kind in ("view", "expand") and isinstance(out, A.Split):
             if op.attrs.get("shape_arg") is None and op.kind == "view":
                 pass  # flatten/unflatten-like: the shape follows the input

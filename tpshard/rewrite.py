@@ -143,6 +143,37 @@ def _set_split_sizes(node: fx.Node, sizes: list[int]) -> None:
         node.kwargs = {**node.kwargs, key: new}
 
 
+def _drop_bias(node: fx.Node) -> None:
+    """A functional row linear runs without its bias; the reduce edit adds it once."""
+    aten = torch.ops.aten
+    if node.target is aten.addmm.default:  # addmm(b, x, W) -> mm(x, W)
+        node.target = aten.mm.default
+        node.args = (node.args[1], node.args[2])
+    elif len(node.args) > 2:
+        node.args = (*node.args[:2], None, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "bias": None}
+
+
+def _vocab_lookup(node: fx.Node, vocab: int, g: comm.Group) -> None:
+    """A functional embedding becomes this rank's masked partial lookup (see layers)."""
+    from tpshard.layers import vocab_parallel_lookup
+
+    if node.target is torch.ops.aten.embedding.default:
+        weight, ids = node.args[0], node.args[1]
+        pad = node.args[2] if len(node.args) > 2 else -1
+        pad = None if pad == -1 else pad
+    else:  # F.embedding(ids, weight, padding_idx, ...)
+        ids, weight = node.args[0], node.args[1]
+        pad = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx")
+    local = vocab // g.size
+    start = g.rank * local
+    local_pad = pad - start if pad is not None and start <= pad % vocab < start + local else None
+    node.target = vocab_parallel_lookup
+    node.args = (ids, weight, start, local_pad)
+    node.kwargs = {}
+
+
 def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule:
     """Build this rank's module from ``captured`` and ``plan`` (see module docstring)."""
     g = comm.resolve_group(group)
@@ -166,15 +197,18 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
     _tie(root, gm)
     for e in plan.edits:  # row biases, added after the reduce, are graph attributes too
         for b in e.biases:
-            if b not in root:
+            if b not in root and not b.startswith("%"):
                 owner, _, attr = b.rpartition(".")
                 root[b] = getattr(root[owner], attr)
 
     # Phase 2: index the edits by edge. Order on an edge: reduce, then copy | scatter | gather.
     edge: dict[tuple[str, str], list[Edit]] = {}
     shape_edits: dict[str, list[Edit]] = {}
+    skip_add: dict[str, int] = {}
     for e in plan.edits:
-        if e.kind in ("shape", "split_sizes"):
+        if e.kind == "skip_add":
+            skip_add[e.node] = e.dim
+        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup"):
             shape_edits.setdefault(e.node, []).append(e)
         else:
             for u in e.users:
@@ -200,8 +234,9 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             return made[key]
         if e.kind == "reduce":
             out = graph.call_function(comm.mp_reduce, (value, group_node()))
-            for b in e.biases:
-                out = graph.call_function(operator.add, (out, graph.get_attr(b)))
+            for b in e.biases:  # row biases (parameters) and replicated addends ("%node")
+                term = env[nodes[b[1:]]] if b.startswith("%") else graph.get_attr(b)
+                out = graph.call_function(operator.add, (out, term))
         elif e.kind == "copy":
             out = graph.call_function(comm.mp_copy, (value, group_node()))
         elif e.kind == "scatter":
@@ -218,14 +253,22 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
                 value = apply(a, e, value)
             return value
 
+        if node.name in skip_add:  # P + R: pass the partial sum on; R joins after the reduce
+            env[node] = lookup(ops[node.name].tensors[skip_add[node.name]])
+            continue
         new = graph.node_copy(node, lookup)
         env[node] = new
         for e in shape_edits.get(node.name, ()):
             if e.kind == "shape":
                 _set_shape(new, ops[node.name], e.dim, e.size)
-            else:
+            elif e.kind == "split_sizes":
                 _set_split_sizes(new, e.sizes)
+            elif e.kind == "drop_bias":
+                _drop_bias(new)
+            else:
+                _vocab_lookup(new, e.size, g)
 
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # an exported graph's pytree in/out specs
     root[GROUP_ATTR] = g
     out = fx.GraphModule(root, graph, f"TP{type(gm).__name__}")
     _restore_buffer_persistence(out, captured.model if captured.model is not None else gm)
