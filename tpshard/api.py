@@ -41,7 +41,7 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
 
 def parallelize(model: nn.Module, world_size: int | None = None, *, example_inputs: tuple = (),
                 example_kwargs: dict | None = None, group: Any = None, plan: Plan | None = None,
-                overrides: dict[str, str] | None = None) -> nn.Module:
+                overrides: dict[str, str] | None = None, inplace: bool = False) -> nn.Module:
     """This rank's tensor-parallel version of ``model``.
 
     Runs inside an initialized torch.distributed job (e.g. under ``torchrun``); the rank comes
@@ -50,6 +50,11 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     The original is not mutated; parameter names are the original qualified names, with local
     shapes. Pass ``group=tpshard.OfflineGroup(rank, world_size)`` to build one rank's module
     without a job (for inspection; it cannot run collectives).
+
+    ``inplace=True`` applies the plan to ``model`` itself instead of building a graph: parallel
+    layers are swapped in at their paths and the attributes holding head counts are divided,
+    so every method keeps working (e.g. Hugging Face ``generate()``); a plan that needs the
+    graph is refused with the node that needs it (see :mod:`tpshard.inplace`).
 
     Example (world size 1 needs no job)::
 
@@ -77,4 +82,8 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
         plan = _plan_captured(c, world_size, overrides)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
+    if inplace:
+        from tpshard.inplace import apply_inplace
+
+        return apply_inplace(model, c, plan, g)
     return rewrite(c, plan, g)
