@@ -25,9 +25,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+from tpshard import layout
 from tpshard.ir import Op, shape_of
 
-__all__ = ["REPLICATED", "Split", "Partial", "SplitSize", "Layouts", "Fail", "Decider", "transfer", "view_groups"]
+__all__ = ["REPLICATED", "Split", "Partial", "SplitSize", "Layouts", "Fail", "Decider", "transfer", "view_groups",
+           "check_segments"]
 
 
 REPLICATED = None
@@ -139,13 +141,12 @@ class Decider(Protocol):
 SAME = "same"
 
 
-def _check_segments(d: Decider, op: Op, segments: Sequence[int], what: str) -> None:
-    n = d.world_size
-    bad = [s for s in segments if s % n]
-    if bad:
-        valid = [k for k in range(1, 65) if all(s % k == 0 for s in segments)]
-        raise Fail(op, f"{what} of size {sum(segments)} (segments {list(segments)}) is not divisible by "
-                       f"the world size {n}; world sizes that divide it: {valid}", divisibility=True)
+def check_segments(d: Decider, op: Op, segments: Sequence[int], what: str) -> None:
+    """Fail (a divisibility failure) naming ``what`` unless every segment splits over the world."""
+    try:
+        layout.check_divisible(sum(segments), segments, d.world_size, what)
+    except ValueError as e:
+        raise Fail(op, str(e), divisibility=True) from None
 
 
 def transfer(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
@@ -354,7 +355,7 @@ def _view(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
                 return Split(j, d.layouts.new(out_shape[j], local)), [SAME]
         if found:
             j, local = found[0]
-            _check_segments(d, op, local, f"dim {j} of the reshape to {tuple(out_shape)}")
+            check_segments(d, op, local, f"dim {j} of the reshape to {tuple(out_shape)}")
         raise Fail(op, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} cannot carry the split of dim {x.dim} "
                        f"(layout {list(layout_in)})")
     # A free layout: choose which output dim carries the split, and pin the input layout to match.
@@ -380,7 +381,7 @@ def _view(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     choice = d.choose(op, options)
     if choice is None:
         j = skipped[0]
-        valid = [k for k in range(1, 65) if out_shape[j] % k == 0]
+        valid = layout.valid_world_sizes([out_shape[j]])
         raise Fail(op, f"dim {j} (size {out_shape[j]}) of the reshape to {tuple(out_shape)} is not divisible by "
                        f"the world size {n}; world sizes that divide it: {valid}", divisibility=True)
     j, seg_in = choice
@@ -426,7 +427,7 @@ def _split(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     # Splitting the split dim into pieces: each piece must own whole segments of the layout.
     layout_in = d.layouts.get(x.var)
     if layout_in is None:
-        _check_segments(d, op, sizes, f"the pieces {sizes} of the split")
+        check_segments(d, op, sizes, f"the pieces {sizes} of the split")
         d.layouts.pin(x.var, sizes)
         layout_in = tuple(sizes)
     out = []

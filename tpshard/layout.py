@@ -23,12 +23,13 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["normalize", "strided", "check_divisible", "local_ranges", "shard", "unshard", "local_segments"]
+__all__ = ["normalize", "strided", "check_divisible", "valid_world_sizes", "local_ranges", "shard", "unshard", "local_segments"]
 
 
 def normalize(size: int, segments: Sequence[int] | None) -> tuple[int, ...]:
@@ -53,12 +54,18 @@ def check_divisible(size: int, segments: Sequence[int] | None, world_size: int, 
     segs = normalize(size, segments)
     if all(s % world_size == 0 for s in segs):
         return
-    valid = [n for n in range(1, 65) if all(s % n == 0 for s in segs)]
+    valid = valid_world_sizes(segs)
     shown = f"{size}" if len(segs) == 1 else f"{size} (segments {list(segs)})"
     raise ValueError(
         f"{what}={shown} is not divisible by the world size {world_size}; "
         f"world sizes that divide it: {valid}"
     )
+
+
+def valid_world_sizes(segments: Sequence[int], limit: int = 512) -> list[int]:
+    """World sizes (up to ``limit``) that split every segment evenly: the divisors of their gcd."""
+    g = math.gcd(*segments)
+    return [n for n in range(1, min(g, limit) + 1) if g % n == 0]
 
 
 def local_ranges(size: int, rank: int, world_size: int, segments: Sequence[int] | None = None) -> list[tuple[int, int]]:

@@ -78,7 +78,6 @@ class _Trial:
         self.made: list[tuple[str, int, int]] = []
         self.heap: list[tuple[int, str]] = []
         self.queued: set[fx.Node] = set()
-        self.rows: list[Op] = []
 
     # -- Decider ----------------------------------------------------------------------------
     def linear_style(self, op: Op) -> str | None:
@@ -96,11 +95,10 @@ class _Trial:
             raise A.Fail(op, f"would be row-parallel, but the override says {ov!r}")
         in_features = shape_of(op.tensors[0])[-1]
         if self.layouts.get(var) is None:
-            A._check_segments(self, op, (in_features,), f"in_features of {_key(op)}")
+            A.check_segments(self, op, (in_features,), f"in_features of {_key(op)}")
             self.layouts.pin(var, (in_features,))
-        A._check_segments(self, op, self.layouts.get(var), f"in_features of {_key(op)}")
+        A.check_segments(self, op, self.layouts.get(var), f"in_features of {_key(op)}")
         self.styles[op.name] = "row"
-        self.rows.append(op)
         self._param(op, op.attrs["weight"], 0 if op.attrs.get("transposed") else 1, var)
         if op.attrs["bias"]:
             self._param(op, op.attrs["bias"], None, None)
@@ -131,7 +129,7 @@ class _Trial:
 
     def make_column(self, op: Op) -> None:
         out_features = shape_of(op.node)[-1]
-        A._check_segments(self, op, (out_features,), f"out_features of {_key(op)}")
+        A.check_segments(self, op, (out_features,), f"out_features of {_key(op)}")
         var = self.layouts.new(out_features)
         self.styles[op.name] = "column"
         self.column_vars[op.name] = var
