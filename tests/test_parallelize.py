@@ -263,3 +263,60 @@ def test_random_mlp_stacks_equal_or_refuse(world: int, specs: list) -> None:
             assert "not divisible by the world size" in value and "world sizes that divide it" in value, value
         else:
             assert value <= RTOL, (spec, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A parallel attention + MLP block (GPT-J style): the two partial sums meet before any other op,
+# so the block needs one all-reduce forward and, sharing the normed input, one backward.
+
+
+class ParallelBlockLM(torch.nn.Module):
+    def __init__(self, vocab: int = 32, dim: int = 16, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.ln = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(layers))
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(layers))
+        self.up = torch.nn.ModuleList(torch.nn.Linear(dim, 4 * dim) for _ in range(layers))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(4 * dim, dim) for _ in range(layers))
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        b, t, d = x.shape
+        for ln, qkv, out, up, down in zip(self.ln, self.qkv, self.out, self.up, self.down):
+            h = ln(x)
+            q, k, v = qkv(h).view(b, t, self.heads, 3, d // self.heads).permute(3, 0, 2, 1, 4).unbind(0)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + out(a.transpose(1, 2).reshape(b, t, d)) + down(torch.nn.functional.gelu(up(h)))
+        return self.head(x)
+
+
+def _parallel_block_body(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = ParallelBlockLM().double()
+    models.randomize_(model)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 32, (3, 7))
+    sharded = tpshard.parallelize(model, world, example_inputs=(ids,))
+    with CommDebugMode() as fwd:
+        out = sharded(ids)
+    ref_out = ref(ids)
+    with CommDebugMode() as bwd:
+        out.sum().backward()
+    ref_out.sum().backward()
+    grads = max(_rel(p.grad, sharded.tpshard_plan.params[n].shard(dict(ref.named_parameters())[n].grad, rank, world))
+                for n, p in sharded.named_parameters())
+    return {"out": _rel(out, ref_out), "grads": grads, "fwd": _counts(fwd), "bwd": _counts(bwd)}
+
+
+@pytest.mark.timeout(120)
+def test_parallel_attention_mlp_block_shares_one_all_reduce() -> None:
+    for r in run_ranks(_parallel_block_body, 2, timeout=100):
+        assert r["out"] <= RTOL and r["grads"] <= RTOL, r
+        # per block: 1 all-reduce forward (attention + MLP partial sums, plus the residual, added
+        # first) and 1 backward (the shared copy of ln(x)); the embedding adds one forward
+        # all-reduce, the head one all-gather forward and one all-reduce backward.
+        assert r["fwd"] == {"all_reduce": 2 + 1, "all_gather": 1, "total": 4}, r
+        assert r["bwd"] == {"all_reduce": 2 + 1, "all_gather": 0, "total": 3}, r
