@@ -35,6 +35,7 @@ from tpshard.layers import (
     vocab_parallel_cross_entropy,
 )
 from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
+from tpshard.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -43,5 +44,5 @@ __all__ = [
     "Group", "OfflineGroup", "init_parallelism", "reset_parallelism", "get_rank", "get_world_size",
     "mp_copy", "mp_reduce", "mp_scatter", "mp_gather", "mp_all_gather_seq", "mp_reduce_scatter_seq",
     "ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding", "VocabParallelEmbedding",
-    "vocab_parallel_cross_entropy", "__version__",
+    "vocab_parallel_cross_entropy", "verify", "VerifyReport", "__version__",
 ]

@@ -129,7 +129,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
             if p.is_alive():
                 p.kill()
         for p in procs:
-            p.join(timeout=5)
+            if p.pid is not None:  # a process whose start failed cannot be joined
+                p.join(timeout=5)
         results.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
