@@ -359,36 +359,30 @@ class _Planner:
             )
         self.replicate(op, f"kept whole: {first.reason} (at node {first.op.name!r})")
 
-    def _joins_split(self, seed: Op) -> bool:
-        """Does the seed's output meet a value an earlier region already split (before any
-        linear)? Then keeping the seed whole still leaves that region split."""
+    def _downstream(self, seed: Op, found: Any, stop: tuple[str, ...], limit: int = 256) -> bool:
+        """Walk the seed's users (not past ops of the ``stop`` kinds): does ``found`` hold for one?"""
         stack, seen = [seed.node], {seed.node}
-        while stack and len(seen) < 256:
-            n = stack.pop()
-            for u in n.users:
+        while stack and len(seen) < limit:
+            for u in stack.pop().users:
                 if u in seen:
                     continue
                 seen.add(u)
                 uop = self.ops[self.index[u]]
-                if any(isinstance(self.state.place.get(t), A.Split) for t in uop.tensors):
+                if found(uop):
                     return True
-                if uop.kind not in ("linear", "norm", "output"):
+                if uop.kind not in stop:
                     stack.append(u)
         return False
 
+    def _joins_split(self, seed: Op) -> bool:
+        """Does the seed's output meet a value an earlier region already split (before any
+        linear)? Then keeping the seed whole still leaves that region split."""
+        return self._downstream(seed, lambda o: any(isinstance(self.state.place.get(t), A.Split) for t in o.tensors),
+                                stop=("linear", "norm", "output"))
+
     def _feeds_another_linear(self, seed: Op) -> bool:
-        stack, seen = [seed.node], {seed.node}
-        while stack:
-            n = stack.pop()
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                uop = self.ops[self.index[u]]
-                if uop.kind in ("linear", "matmul", "sdpa"):
-                    return True
-                stack.append(u)
-        return False
+        """Is the seed's output contracted again (a pair could form), or only the model's output?"""
+        return self._downstream(seed, lambda o: o.kind in ("linear", "matmul", "sdpa"), stop=(), limit=10**9)
 
     # -- phase 4: replay ---------------------------------------------------------------------
     def replay(self) -> Plan:

@@ -61,7 +61,7 @@ def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> 
 
 
 def _build_attr(gm: fx.GraphModule, target: str, plan: Plan, group: comm.Group) -> Any:
-    value = gm.get_parameter(target) if _is_param(gm, target) else _get(gm, target)
+    value = operator.attrgetter(target)(gm)
     if not isinstance(value, torch.Tensor):
         return value
     shard = plan.params.get(target)
@@ -70,20 +70,6 @@ def _build_attr(gm: fx.GraphModule, target: str, plan: Plan, group: comm.Group) 
     if isinstance(value, nn.Parameter):
         return nn.Parameter(local, requires_grad=value.requires_grad)
     return local
-
-
-def _is_param(gm: nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
-
-
-def _get(obj: Any, target: str) -> Any:
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _tie(root: dict[str, Any], gm: fx.GraphModule) -> None:
