@@ -28,11 +28,10 @@ from collections import ChainMap
 from typing import Any
 
 import torch.fx as fx
-import torch.nn as nn
 
 from tpshard import analysis as A
 from tpshard.ir import Op, shape_of
-from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
+from tpshard.plan import Plan, PlanError
 
 __all__ = ["make_plan", "STYLES"]
 
