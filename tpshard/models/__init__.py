@@ -1,0 +1,114 @@
+"""Reference models for tpshard tests, benchmarks and the CLI.
+
+These are plain single-device PyTorch models, written the way people usually
+write them (no tensor parallelism inside).  Every model here can be traced
+with ``torch.fx.symbolic_trace`` using the default leaf rules: there is no
+Python control flow on tensor values or shapes, and every shape number comes
+either from unpacking ``x.size()`` or from a literal config attribute.
+
+Public names:
+
+* :func:`mlp`, :func:`mlp_example_inputs`
+* :class:`GPTConfig`, :class:`GPT`, :class:`Block`,
+  :class:`CausalSelfAttention`, :class:`GPTMLP`, :func:`gpt_example_inputs`
+* :class:`LlamaConfig`, :class:`Llama`, :class:`LlamaBlock`,
+  :class:`LlamaAttention`, :class:`LlamaMLP`, :class:`RMSNorm`,
+  :func:`rotate_half`, :func:`apply_rotary`, :func:`rotary_tables`,
+  :func:`llama_example_inputs`
+* :func:`randomize_`
+* :data:`REFERENCE_MODELS`, :func:`build`
+
+They live in :mod:`tpshard.models.mlp_model`, :mod:`tpshard.models.gpt`,
+:mod:`tpshard.models.llama` and :mod:`tpshard.models.registry` (:func:`randomize_`,
+the registry); import them from ``tpshard.models``.
+
+Example:
+
+>>> model, args = build("gpt", dtype=torch.float64)
+>>> model(*args).shape
+torch.Size([2, 8, 64])
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any
+
+import torch  # noqa: F401  (the namespace doctest gives this package's docstring examples)
+
+from tpshard.models import _common, gpt, llama, mlp_model, registry
+from tpshard.models.gpt import GPT, GPTMLP, Block, CausalSelfAttention, GPTConfig, gpt_example_inputs
+from tpshard.models.llama import (
+    Llama,
+    LlamaAttention,
+    LlamaBlock,
+    LlamaConfig,
+    LlamaMLP,
+    RMSNorm,
+    apply_rotary,
+    llama_example_inputs,
+    rotary_tables,
+    rotate_half,
+)
+from tpshard.models.mlp_model import ACTIVATIONS, mlp, mlp_example_inputs
+from tpshard.models.registry import REFERENCE_MODELS, build, randomize_
+
+# The private helpers, so that every name of the former single-file module still resolves here
+# (a checkpoint manifest may name a registry factory, e.g. "tpshard.models:_make_gpt").
+from tpshard.models._common import _first_param, _randint_on, _seeded_generator  # noqa: F401
+from tpshard.models.registry import (  # noqa: F401
+    _NORM_TYPES,
+    _finish,
+    _make_config,
+    _make_gpt,
+    _make_llama,
+    _make_mlp,
+    _seq_kwargs,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "mlp",
+    "mlp_example_inputs",
+    "GPTConfig",
+    "CausalSelfAttention",
+    "GPTMLP",
+    "Block",
+    "GPT",
+    "gpt_example_inputs",
+    "LlamaConfig",
+    "RMSNorm",
+    "rotate_half",
+    "apply_rotary",
+    "rotary_tables",
+    "LlamaAttention",
+    "LlamaMLP",
+    "LlamaBlock",
+    "Llama",
+    "llama_example_inputs",
+    "randomize_",
+    "REFERENCE_MODELS",
+    "build",
+]
+
+
+def _doctest_targets(*modules: types.ModuleType) -> dict[str, Any]:
+    """The classes, functions and methods ``modules`` define, for this package's ``__test__``:
+    ``doctest.testmod(package)`` skips what submodules define, and would miss their examples."""
+    found: dict[str, Any] = {}
+    for module in modules:
+        for name, obj in vars(module).items():
+            if getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(obj):
+                for attr, member in vars(obj).items():
+                    func = getattr(member, "__func__", member)  # classmethod, staticmethod
+                    if inspect.isfunction(func):
+                        found[f"{name}.{attr}"] = func
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                found[name] = obj
+    return found
+
+
+__test__ = _doctest_targets(_common, mlp_model, gpt, llama, registry)
