@@ -13,6 +13,7 @@ Inside a job (``torchrun --nproc-per-node 2 train.py``)::
 
 from tpshard.api import parallelize, plan
 from tpshard.capture import CaptureError
+from tpshard.checkpoint import empty_weights, load_sharded
 from tpshard.comm import (
     Group,
     OfflineGroup,
@@ -44,5 +45,6 @@ __all__ = [
     "Group", "OfflineGroup", "init_parallelism", "reset_parallelism", "get_rank", "get_world_size",
     "mp_copy", "mp_reduce", "mp_scatter", "mp_gather", "mp_all_gather_seq", "mp_reduce_scatter_seq",
     "ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding", "VocabParallelEmbedding",
-    "vocab_parallel_cross_entropy", "verify", "VerifyReport", "__version__",
+    "vocab_parallel_cross_entropy", "verify", "VerifyReport",
+    "load_sharded", "empty_weights", "__version__",
 ]

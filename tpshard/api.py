@@ -36,6 +36,14 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
         >>> [(m.path, m.style) for m in p.modules.values()]
         [('0', 'column'), ('2', 'row')]
     """
+    if any(p.is_meta for p in model.parameters()) and any(not b.is_meta for b in model.buffers()):
+        # Built under empty_weights(): meta parameters beside real buffers. Planning needs
+        # shapes only, so capture with everything on the meta device.
+        from tpshard.checkpoint import _to_meta, on_meta
+
+        with on_meta(model):
+            return _plan_captured(capture(model, _to_meta(example_inputs), _to_meta(example_kwargs or {})),
+                                  world_size, overrides)
     return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides)
 
 

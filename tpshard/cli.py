@@ -1,79 +1,357 @@
 """The ``tpshard`` command line.
 
-    tpshard plan gpt --world-size 2          # the plan of a built-in model, as a table
-    tpshard plan pkg.module:factory -n 4 --json
+    tpshard plan MODEL --world-size N [--json]          how MODEL is split, and memory per rank
+    tpshard shard MODEL --world-size N --out DIR        a sharded checkpoint: one file per rank
+    tpshard merge DIR --out FILE.safetensors            the full weights again, bit-exact
+    tpshard reshard DIR --world-size M --out DIR2       N ranks -> M ranks, tensor by tensor
+    tpshard verify ...                                  (when tpshard.verify_cli is installed)
 
 MODEL is a built-in reference model name (see ``tpshard.models.REFERENCE_MODELS``) or
 ``package.module:callable`` returning a model, ``(model, example_args)`` or
-``(model, example_args, example_kwargs)``. Models are built on the meta device when the
-factory allows it, so planning needs no memory for weights.
+``(model, example_args, example_kwargs)`` (the current directory is importable). With
+``--weights FILE`` (a ``.safetensors`` file, or a torch state_dict file, loaded with
+``weights_only=True``) the model is built without weights (parameters on the meta device, see
+:func:`tpshard.checkpoint.empty_weights`) and the file supplies them; without it the model's
+own weights are used. A file holding a whole pickled ``nn.Module`` is read only with
+``--trust-pickle``, because unpickling runs arbitrary code.
+
+Exit status: 0 on success, 2 on a user error (one line on stderr, no traceback), 130 when
+interrupted.
+
+Example::
+
+    >>> main(["plan", "mlp", "--world-size", "2", "--json"])  # doctest: +ELLIPSIS
+    {
+     "format_version": 1,
+     ...
+    0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["main", "load_model"]
+from tpshard.checkpoint import format_bytes
+
+__all__ = ["main", "build_parser", "load_model", "ModelSpecError"]
 
 
-def load_model(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, tuple, dict]:
-    """Resolve MODEL (a built-in name or ``package.module:callable``) to (model, args, kwargs)."""
-    from tpshard import models
+class ModelSpecError(ValueError):
+    """MODEL cannot be resolved; the message names it and says what MODEL may be."""
 
+
+# ---------------------------------------------------------------------------------------------
+# MODEL and --weights.
+# ---------------------------------------------------------------------------------------------
+
+
+def _import_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # like `python -m`, let MODEL name a module of this directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ModelSpecError(f"cannot load MODEL {spec!r}: {type(e).__name__}: {e}") from e
+    if not callable(obj):
+        raise ModelSpecError(f"MODEL {spec!r} is a {type(obj).__name__}, not a callable returning a model")
+    return obj
+
+
+def load_model(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               empty: bool = False) -> tuple[Any, tuple, dict]:
+    """Resolve MODEL (a built-in name or ``package.module:callable``) to (model, args, kwargs).
+
+    ``empty``: build it under :func:`tpshard.checkpoint.empty_weights` (parameters on the meta
+    device, buffers real), for planning or when the weights come from a file. ``device`` and
+    ``dtype`` apply to built-in models.
+
+    Example::
+
+        >>> model, args, kwargs = load_model("gpt", empty=True)
+        >>> model.wte.weight.is_meta, tuple(args[0].shape)
+        (True, (2, 8))
+    """
+    from tpshard import checkpoint, models
+
+    building = checkpoint.empty_weights() if empty else contextlib.nullcontext()
     if ":" not in spec:
         if spec not in models.REFERENCE_MODELS:
-            raise SystemExit(f"tpshard: unknown model {spec!r}; built-in models: {sorted(models.REFERENCE_MODELS)}, "
-                             "or pass package.module:callable")
-        model, args = models.build(spec, device=device, dtype=dtype)
+            raise ModelSpecError(f"unknown MODEL {spec!r}; built-in models: {sorted(models.REFERENCE_MODELS)}, "
+                                 "or pass package.module:callable")
+        with building:
+            model, args = models.build(spec, device="cpu" if empty else device, dtype=dtype)
         return model, args, {}
-    module_name, _, attr = spec.partition(":")
+    factory = _import_factory(spec)
+    with building:
+        made = factory()
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f"tpshard: cannot load {spec!r}: {e}") from e
-    made = factory()
-    if isinstance(made, torch.nn.Module):
-        return made, (), {}
-    if isinstance(made, tuple) and made and isinstance(made[0], torch.nn.Module):
-        args = tuple(made[1]) if len(made) > 1 else ()
-        kwargs = dict(made[2]) if len(made) > 2 else {}
-        return made[0], args, kwargs
-    raise SystemExit(f"tpshard: {spec!r} returned {type(made).__name__}; expected a model, "
-                     "(model, example_args) or (model, example_args, example_kwargs)")
+        return checkpoint.unpack_model(made, f"MODEL {spec!r}")
+    except checkpoint.CheckpointError as e:
+        raise ModelSpecError(str(e)) from None
+
+
+def _load_for(ns: argparse.Namespace) -> tuple[Any, tuple, dict]:
+    """MODEL of a subcommand: built without weights when --weights supplies them."""
+    return load_model(ns.model, empty=ns.weights is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# tpshard plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensor_dtypes(model: torch.nn.Module, source: Any) -> dict[str, torch.dtype]:
+    """Each parameter's and buffer's dtype: the weights file's where it has the tensor."""
+    dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
+    dtypes.update({k: b.dtype for k, b in model.named_buffers(remove_duplicate=False)})
+    if source is None:
+        return dtypes
+    in_file = set(source.keys())
+    dtypes.update({k: source.info(k)[1] for k in in_file})
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    for names in tied.values():  # a file may hold a tied parameter under either of its names
+        stored = [n for n in names if n in in_file]
+        if stored:
+            dtypes.update({n: dtypes[stored[0]] for n in names})
+    return dtypes
+
+
+def memory_report(plan: Any, dtypes: dict[str, torch.dtype]) -> str:
+    """Bytes per rank of the planned parameters and buffers (ties counted once), as a table.
+
+    Example::
+
+        >>> import tpshard
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> print(memory_report(tpshard.plan(mlp, 2), {}))
+        memory per rank (parameters and buffers, float32):
+          rank  elements  bytes
+          0-1   40        160 B
+          whole model: 76 elements, 304 B
+    """
+    world = plan.world_size
+    per_rank = [[0, 0] for _ in range(world)]  # elements, bytes
+    full = [0, 0]
+    used: set[str] = set()
+    for name, p in plan.params.items():
+        if name in plan.ties:
+            continue
+        dtype = dtypes.get(name, torch.float32)
+        used.add(str(dtype).removeprefix("torch."))
+        size = torch.empty((), dtype=dtype).element_size()
+        n_full = 1
+        for s in p.shape:
+            n_full *= s
+        n_local = 1
+        for s in p.local_shape(world):
+            n_local *= s
+        full[0] += n_full
+        full[1] += n_full * size
+        for r in range(world):  # every rank holds the same local shape: splits are even
+            per_rank[r][0] += n_local
+            per_rank[r][1] += n_local * size
+    lines = [f"memory per rank (parameters and buffers, {', '.join(sorted(used)) or 'no tensors'}):",
+             "  rank  elements  bytes"]
+    start = 0
+    for r in range(1, world + 1):
+        if r == world or per_rank[r] != per_rank[start]:
+            ranks = f"{start}" if r - 1 == start else f"{start}-{r - 1}"
+            lines.append(f"  {ranks:<5} {per_rank[start][0]:<9,} {format_bytes(per_rank[start][1])}")
+            start = r
+    lines.append(f"  whole model: {full[0]:,} elements, {format_bytes(full[1])}")
+    return "\n".join(lines)
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    import tpshard
+    from tpshard import checkpoint
 
-    model, args, kwargs = load_model(ns.model, device="meta" if ":" not in ns.model else "cpu")
-    plan = tpshard.plan(model, ns.world_size, example_inputs=args, example_kwargs=kwargs)
-    print(plan.to_json() if ns.json else plan.explain())
+    model, args, kwargs = load_model(ns.model, empty=True)  # planning needs no weights
+    source = checkpoint.open_weights(ns.weights, trust_pickle=ns.trust_pickle) if ns.weights else None
+    with source if source is not None else contextlib.nullcontext():
+        plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs)
+        if ns.json:
+            print(plan.to_json())
+            return 0
+        print(plan.explain())
+        print()
+        print(memory_report(plan, _tensor_dtypes(model, source)))
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# tpshard shard | merge | reshard
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_shard(ns: argparse.Namespace) -> int:
+    from tpshard import checkpoint
+
+    model, args, kwargs = _load_for(ns)
+    manifest = checkpoint.save_sharded(
+        model, ns.out, ns.world_size, weights=ns.weights, trust_pickle=ns.trust_pickle, example_inputs=args,
+        example_kwargs=kwargs, model_spec=ns.model, force=ns.force)
+    total = sum(f.bytes for f in manifest.files)
+    print(f"wrote {manifest.directory}: {len(manifest.files)} rank files, {format_bytes(total)} in all, "
+          f"{len(manifest.tensors)} tensors ({len(manifest.ties)} tied aliases)")
+    return 0
+
+
+def _cmd_merge(ns: argparse.Namespace) -> int:
+    from tpshard import checkpoint
+
+    path = checkpoint.merge(ns.dir, ns.out, force=ns.force)
+    print(f"wrote {path}: {format_bytes(path.stat().st_size)}")
+    return 0
+
+
+def _cmd_reshard(ns: argparse.Namespace) -> int:
+    from tpshard import checkpoint
+
+    src = checkpoint.read_manifest(ns.dir)
+    spec = ns.model or src.model
+    if spec is None:
+        raise ModelSpecError(f"{ns.dir}/{checkpoint.MANIFEST_NAME} does not say which model it holds (it was not "
+                             "written by `tpshard shard MODEL`); pass --model MODEL to plan the new world size")
+    model, args, kwargs = load_model(spec, empty=True)
+    manifest = checkpoint.reshard(ns.dir, ns.out, ns.world_size, model=model, example_inputs=args or None,
+                                  example_kwargs=kwargs or None, force=ns.force)
+    print(f"wrote {manifest.directory}: {src.world_size} -> {manifest.world_size} ranks")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage stays behind --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _world_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return n
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="built-in model name (mlp, gpt, llama) or package.module:callable")
+    p.add_argument("--weights", metavar="FILE",
+                   help="weights: a .safetensors file or a torch state_dict file (default: the model's own)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a --weights file holding a pickled nn.Module (unpickling runs arbitrary code)")
+
+
+def _add_plan(sub: Any) -> None:
+    p = sub.add_parser("plan", help="print how a model is split over N ranks, and memory per rank")
+    _add_model_args(p)
+    p.add_argument("-n", "--world-size", type=_world_size, required=True)
+    p.add_argument("--json", action="store_true", help="print the Plan's JSON")
+    p.set_defaults(fn=_cmd_plan)
+
+
+def _add_shard(sub: Any) -> None:
+    p = sub.add_parser("shard", help="write a sharded checkpoint: one safetensors file per rank")
+    _add_model_args(p)
+    p.add_argument("-n", "--world-size", type=_world_size, required=True)
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory (created)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it is an existing tpshard checkpoint")
+    p.set_defaults(fn=_cmd_shard)
+
+
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser("merge", help="reassemble the full weights of a sharded checkpoint")
+    p.add_argument("dir", metavar="DIR", help="a checkpoint written by `tpshard shard`")
+    p.add_argument("--out", metavar="FILE", required=True, help="output .safetensors file")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(fn=_cmd_merge)
+
+
+def _add_reshard(sub: Any) -> None:
+    p = sub.add_parser("reshard", help="re-split a sharded checkpoint for another world size")
+    p.add_argument("dir", metavar="DIR", help="a checkpoint written by `tpshard shard`")
+    p.add_argument("-n", "--world-size", type=_world_size, required=True)
+    p.add_argument("--out", metavar="DIR2", required=True, help="output directory (created)")
+    p.add_argument("--model", metavar="MODEL", help="the model to plan for the new world size "
+                                                    "(default: the MODEL recorded in the manifest)")
+    p.add_argument("--force", action="store_true", help="replace DIR2 if it is an existing tpshard checkpoint")
+    p.set_defaults(fn=_cmd_reshard)
+
+
+def _add_verify(sub: Any) -> None:
+    """`tpshard verify`, whose handler lives in tpshard.verify_cli (when it exists)."""
+    try:
+        verify_cli = importlib.import_module("tpshard.verify_cli")
+    except ImportError as e:
+        if e.name != "tpshard.verify_cli":  # it exists but is broken: say so, keep the other commands
+            warnings.warn(f"`tpshard verify` is unavailable: {type(e).__name__}: {e}", stacklevel=2)
+        return
+    verify_cli.add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpshard", description="Automatic tensor parallelism for PyTorch models.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("plan", help="print how a model is split over N ranks")
-    sp.add_argument("model", help="built-in model name (mlp, gpt, llama) or package.module:callable")
-    sp.add_argument("-n", "--world-size", type=int, required=True)
-    sp.add_argument("--json", action="store_true", help="print the Plan's JSON")
-    sp.set_defaults(fn=_cmd_plan)
+    p = _Parser(prog="tpshard", description="Automatic tensor parallelism for PyTorch models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_plan(sub)
+    _add_shard(sub)
+    _add_merge(sub)
+    _add_reshard(sub)
+    _add_verify(sub)
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+# What a user can fix: PlanError, CaptureError, CheckpointError, ModelSpecError (ValueError or
+# RuntimeError, with messages that say what to do) and file system errors.
+_USER_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    """Run the command line; return the exit status (0 success, 2 user error, 130 interrupted)."""
     try:
-        return ns.fn(ns)
-    except (ValueError, RuntimeError) as e:  # PlanError, CaptureError: the message says what to do
-        print(f"tpshard: {e}", file=sys.stderr)
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return int(ns.fn(ns) or 0)
+    except _USER_ERRORS as e:
+        if isinstance(e, BrokenPipeError):  # `tpshard plan ... | head`: the reader left; not an error
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"tpshard: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tpshard: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
