@@ -89,13 +89,21 @@ def _pointwise(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     if partials and not splits:
         fn = op.attrs.get("fn")
         tensors_are_partial = len(partials) == len(ins)
+        # Partial sums that are only added share one reduce; a replicated term joins after it
+        # ("%node@add": the value of node as the add sees it). A sum that is reduced for another
+        # consumer anyway (the residual stream before a norm) joins as that reduced value, so
+        # the next partial is reduced alone, as Megatron does, instead of carrying both.
+        reduced = getattr(d, "reduced", frozenset())
+        if fn == "add" and len(ins) == 2 and linear_in == {0, 1}:
+            whole = [k for k in range(2) if ins[k] is REPLICATED or op.tensors[k].name in reduced]
+            if len(whole) == 2:
+                return REPLICATED, [REPLICATED, REPLICATED]
+            if len(whole) == 1 and shape_of(op.tensors[whole[0]]) is not None:
+                i = 1 - whole[0]
+                term = f"%{op.tensors[whole[0]].name}@{op.name}"
+                return Partial(ins[i].biases | {term}), [SAME if k == i else REPLICATED for k in range(2)]
         if fn in ("add",) and tensors_are_partial and linear_in == set(range(len(ins))):
             return Partial(frozenset().union(*(ins[i].biases for i in partials))), [SAME] * len(ins)
-        if fn == "add" and len(ins) == 2 and linear_in == {0, 1}:
-            (i,) = partials
-            r = op.tensors[1 - i]
-            if ins[1 - i] is REPLICATED and shape_of(r) is not None:
-                return Partial(ins[i].biases | {f"%{r.name}"}), [SAME, SAME]
         if len(ins) == 1 and fn in _PASS_PARTIAL_UNARY and _same_dtype(op.node, op.tensors[0]):
             return ins[0], [SAME]  # (a cast that rounds would round each partial: reduce first)
         if fn in ("mul", "div", "neg") and linear_in == {0} and len(ins) == 1 and not ins[0].biases:

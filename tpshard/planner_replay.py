@@ -26,10 +26,11 @@ __all__ = ["replay"]
 class _Fixed:
     """A Decider with every decision already taken."""
 
-    def __init__(self, planner: "_Planner") -> None:
+    def __init__(self, planner: "_Planner", reduced: frozenset = frozenset()) -> None:
         self.planner = planner
         self.world_size = planner.world_size
         self.layouts = planner.state.layouts
+        self.reduced = reduced  # partial sums some consumer reduces anyway
 
     def linear_style(self, op: Op) -> str | None:
         style = self.planner.state.styles.get(op.name)
@@ -68,17 +69,30 @@ def _grad_nodes(ops: list[Op], param_names: set[str]) -> set[fx.Node]:
 
 
 def replay(pl: "_Planner") -> Plan:
-    s = pl.state
-    layouts = s.layouts
-    n = pl.world_size
+    layouts = pl.state.layouts
     for v in list(layouts.parent):  # free layouts (outputs only gathered, rows) are contiguous
         if layouts.get(v) is None:
             layouts.pin(v, (layouts.size[layouts.find(v)],))
-    fixed = _Fixed(pl)
+    # Replay until the set of reduced partial sums is stable: a sum reduced for one consumer is
+    # added as that reduced value elsewhere (see analysis._pointwise), which reduces no more.
+    reduced: frozenset = frozenset()
+    for _ in range(8):
+        place, edits = _replay_once(pl, reduced)
+        now = frozenset(e.node for e in edits if e.kind == "reduce")
+        if now <= reduced:
+            break
+        reduced = reduced | now
+    return _write_plan(pl, place, edits, {op.node: op for op in pl.ops})
+
+
+def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
+    s = pl.state
+    layouts = s.layouts
+    n = pl.world_size
+    fixed = _Fixed(pl, reduced)
     place: dict[fx.Node, Any] = {}
     edits: dict[tuple, Edit] = {}
     no_gather_vars = {layouts.find(s.column_vars[k]) for k, st in s.styles.items() if st == "column_no_gather"}
-    op_of = {op.node: op for op in pl.ops}
 
     def seg(var: int) -> tuple[int, ...] | None:
         value = layouts.get(var)
@@ -118,10 +132,10 @@ def replay(pl: "_Planner") -> Plan:
                     add("reduce", t, op.node, biases=sorted(p.biases))
                 add("scatter", t, op.node, dim=need.dim, segments=seg(need.var),
                     reduced=isinstance(p, A.Partial))
-        if isinstance(out, A.Partial) and op.kind == "pointwise" and any(p is A.REPLICATED for p in ins):
-            # P + R: the add passes P on; R is added once after the reduce (an addend "%name").
-            keep = next(i for i, p in enumerate(ins) if isinstance(p, A.Partial))
-            edits[("skip_add", op.name)] = Edit(kind="skip_add", node=op.name, dim=keep)
+        kept = [i for i, (p, need) in enumerate(zip(ins, needs)) if isinstance(p, A.Partial) and need == A.SAME]
+        if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1:
+            # P + R: the add passes P on; R is added once after the reduce (an addend "%name@add").
+            edits[("skip_add", op.name)] = Edit(kind="skip_add", node=op.name, dim=kept[0])
         if op.node.op != "call_module":  # functional layers: the rewriter edits the call itself
             if op.kind == "linear" and style == "row" and op.attrs["bias"]:
                 edits[("drop_bias", op.name)] = Edit(kind="drop_bias", node=op.name)
@@ -142,7 +156,7 @@ def replay(pl: "_Planner") -> Plan:
         if s.styles.get(op.name) is None and op.kind == "linear" and pl.override(op) == "row":
             raise PlanError(f"override 'row' for {op.module or op.name!r} cannot be honored: no column-parallel "
                             "linear feeds it a split input")
-    return _write_plan(pl, place, list(edits.values()), op_of)
+    return place, list(edits.values())
 
 
 def _region_reason(pl: "_Planner", op: Op, style: str) -> str:

@@ -220,8 +220,12 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             return made[key]
         if e.kind == "reduce":
             out = graph.call_function(comm.mp_reduce, (value, group_node()))
-            for b in e.biases:  # row biases (parameters) and replicated addends ("%node")
-                term = env[nodes[b[1:]]] if b.startswith("%") else graph.get_attr(b)
+            for b in e.biases:  # row biases (parameters) and replicated terms ("%node@add")
+                if b.startswith("%"):
+                    term_node, _, add = b[1:].partition("@")
+                    term = lookup_edge(nodes[term_node], nodes[add])  # as that add saw it (maybe reduced)
+                else:
+                    term = graph.get_attr(b)
                 out = graph.call_function(operator.add, (out, term))
         elif e.kind == "copy":
             out = graph.call_function(comm.mp_copy, (value, group_node()))
@@ -232,12 +236,16 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
         made[key] = out
         return out
 
+    def lookup_edge(a: fx.Node, user: fx.Node) -> fx.Node:
+        """``a``'s value as ``user`` takes it: with the edits on that edge applied."""
+        value = env[a]
+        for e in edge.get((a.name, user.name), ()):
+            value = apply(a, e, value)
+        return value
+
     for node in gm.graph.nodes:
         def lookup(a: fx.Node, user: fx.Node = node) -> fx.Node:
-            value = env[a]
-            for e in edge.get((a.name, user.name), ()):
-                value = apply(a, e, value)
-            return value
+            return lookup_edge(a, user)
 
         if node.name in skip_add:  # P + R: pass the partial sum on; R joins after the reduce
             env[node] = lookup(ops[node.name].tensors[skip_add[node.name]])
