@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -21,60 +21,10 @@ from torch.distributed.tensor.debug import CommDebugMode
 from tpshard import comm, layout
 from tpshard.launch import RankError, RankTimeout, run_ranks
 
-DT = torch.float64
-
+from _dist import DT, Checker, comm_counts, gen
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared by the rank bodies.
-
-
-def comm_counts(mode: CommDebugMode) -> dict[str, int]:
-    """Collective counts by kind ("all_reduce", "all_gather", "reduce_scatter").
-
-    ``get_comm_counts()`` keys are c10d ops (``torch.ops.c10d.allreduce_``,
-    ``torch.ops.c10d._allgather_base_``, ``torch.ops.c10d._reduce_scatter_base_``, ...);
-    classifying by name keeps the tests valid if comm.py switches to another variant.
-    """
-    out: dict[str, int] = {}
-    for op, n in mode.get_comm_counts().items():
-        name = str(op).replace("_", "")
-        if "allreduce" in name:
-            kind = "all_reduce"
-        elif "allgather" in name:
-            kind = "all_gather"
-        elif "reducescatter" in name:
-            kind = "reduce_scatter"
-        else:
-            kind = str(op)
-        if n:
-            out[kind] = out.get(kind, 0) + n
-    return out
-
-
-class Checker:
-    """Collects mismatches instead of raising, so every rank runs the same collectives."""
-
-    def __init__(self, prefix: str = "") -> None:
-        self.prefix = prefix
-        self.failures: list[str] = []
-
-    def close(self, what: str, actual: Any, expected: Any, tol: float = 1e-10) -> None:
-        try:
-            torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
-        except AssertionError as e:
-            self.failures.append(f"{self.prefix}{what}: {e}")
-
-    def equal(self, what: str, actual: Any, expected: Any) -> None:
-        if actual != expected:
-            self.failures.append(f"{self.prefix}{what}: {actual!r} != {expected!r}")
-
-    def true(self, what: str, cond: bool) -> None:
-        if not cond:
-            self.failures.append(f"{self.prefix}{what}")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+# Helpers for the rank bodies (Checker, comm_counts, gen: shared, in _dist.py).
 
 
 def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -102,7 +52,7 @@ def _assert_ok(results: list[list[str]]) -> None:
 
 def _region_body(rank: int, world: int) -> list[str]:
     ck = Checker()
-    g = _gen(0)
+    g = gen(0)
     B, T = 3, 2
     W = world
 
