@@ -320,3 +320,24 @@ def test_parallel_attention_mlp_block_shares_one_all_reduce() -> None:
         # all-reduce, the head one all-gather forward and one all-reduce backward.
         assert r["fwd"] == {"all_reduce": 2 + 1, "all_gather": 1, "total": 4}, r
         assert r["bwd"] == {"all_reduce": 2 + 1, "all_gather": 0, "total": 3}, r
+
+
+def _mesh_body(rank: int, world: int) -> dict:
+    mesh = tpshard.init_parallelism(2)  # 2-way TP x 2-way DP on 4 ranks
+    try:
+        model, args = models.build("gpt", dtype=torch.float64, batch=2)
+        sharded = tpshard.parallelize(model, 2, example_inputs=args)  # the mesh's "tp" dim by default
+        same = _rel(sharded(*args), model(*args))
+        explicit = tpshard.parallelize(model, 2, example_inputs=args, group=mesh["tp"])
+        return {"default": same, "explicit": _rel(explicit(*args), model(*args)),
+                "tp_rank": mesh["tp"].get_local_rank(), "dp_rank": mesh["dp"].get_local_rank()}
+    finally:
+        tpshard.reset_parallelism()
+
+
+@pytest.mark.timeout(120)
+def test_tensor_parallel_on_one_dim_of_a_2d_mesh() -> None:
+    results = run_ranks(_mesh_body, 4, timeout=100)
+    for r in results:
+        assert r["default"] <= RTOL and r["explicit"] <= RTOL, r
+    assert sorted((r["dp_rank"], r["tp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
