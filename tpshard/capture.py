@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from tpshard.ir import Op, describe_fx
 
@@ -153,14 +153,39 @@ def _first_leaf(gm: fx.GraphModule, start: fx.Node) -> nn.Module | None:
     return None
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and records each node's ``tensor_meta`` (as torch's ShapeProp does,
+    without its symbolic-shape machinery, whose import alone costs a second)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise RuntimeError(f"shape propagation failed at {n.format_node()}: {e}") from e
+        if any(isinstance(r, torch.Tensor) for r in _leaves(result)):
+            n.meta["tensor_meta"] = fx.node.map_aggregate(
+                result, lambda r: _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else r)
+        n.meta["type"] = type(result)
+        return result
+
+
+def _leaves(value: Any) -> list:
+    out: list = []
+    fx.node.map_aggregate(value, out.append)
+    return out
+
+
 def _propagate_shapes(gm: fx.GraphModule, args: list[Any]) -> None:
+    tensors = [*gm.parameters(), *gm.buffers(), *(a for a in args if isinstance(a, torch.Tensor))]
+    if all(t.is_meta for t in tensors):
+        _ShapeRecorder(gm).run(*args)  # meta tensors carry shapes already: no fake mode needed
+        return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    interp = ShapeProp(gm)
     with fake_mode:
-        interp.run(*fake_args)
+        _ShapeRecorder(gm).run(*fake_args)
 
 
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None,
