@@ -42,32 +42,17 @@ Import from ``tpshard.layers``.
 
 from __future__ import annotations
 
-import inspect
-import types
-from typing import Any
-
 # torch, nn and F: the namespace doctest gives this package's docstring examples.
 import torch  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
 from torch import nn  # noqa: F401
 
+from tpshard._doctest import doctest_targets
 from tpshard.layers import _common, cross_entropy, embedding, linear
 from tpshard.layers._common import INIT_FUNCTIONS
 from tpshard.layers.cross_entropy import vocab_parallel_cross_entropy
-from tpshard.layers.embedding import ParallelEmbedding, VocabParallelEmbedding, vocab_parallel_lookup  # noqa: F401
+from tpshard.layers.embedding import ParallelEmbedding, VocabParallelEmbedding, vocab_parallel_lookup
 from tpshard.layers.linear import ColumnParallelLinear, RowParallelLinear
-
-# The private helpers, so that every name of the former single-file module still resolves here.
-from tpshard.layers._common import (  # noqa: F401
-    _check_module,
-    _init_function,
-    _init_shard_,
-    _ParallelLayer,
-    _shard_parameter,
-)
-from tpshard.layers.cross_entropy import _all_reduce_max, _VocabParallelCrossEntropy  # noqa: F401
-from tpshard.layers.embedding import _no_layout, _no_max_norm, _normalize_padding_idx  # noqa: F401
-from tpshard.layers.linear import _resolve_layout  # noqa: F401
 
 __all__ = [
     "INIT_FUNCTIONS",
@@ -76,25 +61,8 @@ __all__ = [
     "ParallelEmbedding",
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_lookup",
 ]
 
 
-def _doctest_targets(*modules: types.ModuleType) -> dict[str, Any]:
-    """The classes, functions and methods ``modules`` define, for this package's ``__test__``:
-    ``doctest.testmod(package)`` skips what submodules define, and would miss their examples."""
-    found: dict[str, Any] = {}
-    for module in modules:
-        for name, obj in vars(module).items():
-            if getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isclass(obj):
-                for attr, member in vars(obj).items():
-                    func = getattr(member, "__func__", member)  # classmethod, staticmethod
-                    if inspect.isfunction(func):
-                        found[f"{name}.{attr}"] = func
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                found[name] = obj
-    return found
-
-
-__test__ = _doctest_targets(_common, linear, embedding, cross_entropy)
+__test__ = doctest_targets(_common, linear, embedding, cross_entropy)

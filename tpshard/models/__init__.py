@@ -31,12 +31,9 @@ torch.Size([2, 8, 64])
 
 from __future__ import annotations
 
-import inspect
-import types
-from typing import Any
-
 import torch  # noqa: F401  (the namespace doctest gives this package's docstring examples)
 
+from tpshard._doctest import doctest_targets
 from tpshard.models import _common, gpt, llama, mlp_model, registry
 from tpshard.models.gpt import GPT, GPTMLP, Block, CausalSelfAttention, GPTConfig, gpt_example_inputs
 from tpshard.models.llama import (
@@ -53,19 +50,6 @@ from tpshard.models.llama import (
 )
 from tpshard.models.mlp_model import ACTIVATIONS, mlp, mlp_example_inputs
 from tpshard.models.registry import REFERENCE_MODELS, build, randomize_
-
-# The private helpers, so that every name of the former single-file module still resolves here
-# (a checkpoint manifest may name a registry factory, e.g. "tpshard.models:_make_gpt").
-from tpshard.models._common import _first_param, _randint_on, _seeded_generator  # noqa: F401
-from tpshard.models.registry import (  # noqa: F401
-    _NORM_TYPES,
-    _finish,
-    _make_config,
-    _make_gpt,
-    _make_llama,
-    _make_mlp,
-    _seq_kwargs,
-)
 
 __all__ = [
     "ACTIVATIONS",
@@ -93,22 +77,4 @@ __all__ = [
 ]
 
 
-def _doctest_targets(*modules: types.ModuleType) -> dict[str, Any]:
-    """The classes, functions and methods ``modules`` define, for this package's ``__test__``:
-    ``doctest.testmod(package)`` skips what submodules define, and would miss their examples."""
-    found: dict[str, Any] = {}
-    for module in modules:
-        for name, obj in vars(module).items():
-            if getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isclass(obj):
-                for attr, member in vars(obj).items():
-                    func = getattr(member, "__func__", member)  # classmethod, staticmethod
-                    if inspect.isfunction(func):
-                        found[f"{name}.{attr}"] = func
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                found[name] = obj
-    return found
-
-
-__test__ = _doctest_targets(_common, mlp_model, gpt, llama, registry)
+__test__ = doctest_targets(_common, mlp_model, gpt, llama, registry)

@@ -149,50 +149,24 @@ def _seq_kwargs(batch: int | None, seq: int | None) -> dict[str, int]:
     return kw
 
 
-def _make_gpt(
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    batch: int | None = None,
-    seq: int | None = None,
-    **overrides: Any,
-) -> tuple[nn.Module, tuple]:
-    """Registry factory for ``"gpt"``: overrides go to :class:`GPTConfig`."""
-    config = _make_config(GPTConfig, overrides)
-    if seq is None:  # default example length, clipped to what the model takes
-        seq = min(8, config.block_size)
-    return _finish(
-        lambda: GPT(config),
-        gpt_example_inputs,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-        input_kwargs=_seq_kwargs(batch, seq),
-    )
+def _transformer_factory(model_cls: type, config_cls: type, example_inputs: Callable, max_len: str) -> Callable:
+    """A registry factory for a transformer: overrides go to ``config_cls``; the default example
+    length is 8, clipped to the config's ``max_len`` attribute."""
+
+    def make(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+             batch: int | None = None, seq: int | None = None, **overrides: Any) -> tuple[nn.Module, tuple]:
+        config = _make_config(config_cls, overrides)
+        if seq is None:
+            seq = min(8, getattr(config, max_len))
+        return _finish(lambda: model_cls(config), example_inputs, dtype=dtype, device=device, seed=seed,
+                       input_kwargs=_seq_kwargs(batch, seq))
+
+    make.__doc__ = f"Registry factory for {model_cls.__name__}: overrides go to :class:`{config_cls.__name__}`."
+    return make
 
 
-def _make_llama(
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    batch: int | None = None,
-    seq: int | None = None,
-    **overrides: Any,
-) -> tuple[nn.Module, tuple]:
-    """Registry factory for ``"llama"``: overrides go to :class:`LlamaConfig`."""
-    config = _make_config(LlamaConfig, overrides)
-    if seq is None:  # default example length, clipped to what the model takes
-        seq = min(8, config.max_seq)
-    return _finish(
-        lambda: Llama(config),
-        llama_example_inputs,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-        input_kwargs=_seq_kwargs(batch, seq),
-    )
+_make_gpt = _transformer_factory(GPT, GPTConfig, gpt_example_inputs, "block_size")
+_make_llama = _transformer_factory(Llama, LlamaConfig, llama_example_inputs, "max_seq")
 
 
 #: Name -> factory.  Each factory can be called with no arguments and returns
