@@ -43,6 +43,32 @@ def _no_max_norm(max_norm: float | None, world_size: int, owner: str) -> None:
         )
 
 
+def _from_embedding(cls: type, module: nn.Embedding, stride: int, segments: Sequence[int] | None, group: Any,
+                    options: dict[str, Any], split_dim: int) -> Any:
+    """``cls``'s layer for this rank from ``module``: its options copied, and an exact copy of its
+    shard of the weight along ``split_dim`` (1: embedding dim, 0: vocabulary); nothing is
+    initialized (the layer is built on the meta device first)."""
+    _check_module(module, nn.Embedding, cls)
+    _no_layout(cls, stride, segments)
+    w = module.weight
+    layer = cls(
+        module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+        max_norm=module.max_norm, norm_type=module.norm_type,
+        scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse, group=group,
+        device="meta", dtype=w.dtype, **options,
+    )
+    layer.weight = _shard_parameter(w, split_dim, layer.group)
+    return layer
+
+
+def _init_embedding_shard_(layer: Any, split_dim: int) -> None:
+    """This rank's part (along ``split_dim``) of a fresh ``init_type`` weight whose padding row is zero."""
+    _init_shard_(
+        layer.weight, (layer.num_embeddings, layer.embedding_dim), split_dim, None, layer.init_type,
+        layer.group, type(layer).__name__, zero_row=layer.padding_idx,
+    )
+
+
 class ParallelEmbedding(_ParallelLayer):
     """``nn.Embedding`` split on the embedding dim: ``weight`` is ``(num, dim // world_size)``.
 
@@ -116,24 +142,11 @@ class ParallelEmbedding(_ParallelLayer):
             >>> torch.equal(ParallelEmbedding.from_module(emb).weight, emb.weight)
             True
         """
-        _check_module(module, nn.Embedding, cls)
-        _no_layout(cls, stride, segments)
-        w = module.weight
-        layer = cls(
-            module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-            max_norm=module.max_norm, norm_type=module.norm_type,
-            scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse, group=group,
-            device="meta", dtype=w.dtype, **options,
-        )
-        layer.weight = _shard_parameter(w, 1, layer.group)
-        return layer
+        return _from_embedding(cls, module, stride, segments, group, options, split_dim=1)
 
     def reset_parameters(self) -> None:
         """This rank's columns of a fresh ``init_type`` weight whose padding row is zero."""
-        _init_shard_(
-            self.weight, (self.num_embeddings, self.embedding_dim), 1, None, self.init_type,
-            self.group, type(self).__name__, zero_row=self.padding_idx,
-        )
+        _init_embedding_shard_(self, split_dim=1)
 
     def forward(self, ids: Tensor) -> Tensor:
         """``ids (*)`` integer, the same on every rank -> ``(*, embedding_dim)``."""
@@ -267,24 +280,11 @@ class VocabParallelEmbedding(_ParallelLayer):
             >>> torch.equal(VocabParallelEmbedding.from_module(emb).weight, emb.weight)
             True
         """
-        _check_module(module, nn.Embedding, cls)
-        _no_layout(cls, stride, segments)
-        w = module.weight
-        layer = cls(
-            module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-            max_norm=module.max_norm, norm_type=module.norm_type,
-            scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse, group=group,
-            device="meta", dtype=w.dtype, **options,
-        )
-        layer.weight = _shard_parameter(w, 0, layer.group)
-        return layer
+        return _from_embedding(cls, module, stride, segments, group, options, split_dim=0)
 
     def reset_parameters(self) -> None:
         """This rank's rows of a fresh ``init_type`` weight whose padding row is zero."""
-        _init_shard_(
-            self.weight, (self.num_embeddings, self.embedding_dim), 0, None, self.init_type,
-            self.group, type(self).__name__, zero_row=self.padding_idx,
-        )
+        _init_embedding_shard_(self, split_dim=0)
 
     def forward(self, ids: Tensor) -> Tensor:
         """``ids (*)`` integer, the same on every rank -> ``(*, embedding_dim)``.
