@@ -78,3 +78,21 @@ def test_inplace_refuses_what_needs_the_graph() -> None:
 
     with pytest.raises(tpshard.PlanError, match="through a functional call"):
         tpshard.parallelize(TiedFunctionalLM(), 2, group=tpshard.OfflineGroup(0, 2), inplace=True)
+
+
+class _ScoresOfTwoProjections(torch.nn.Module):
+    """Two column-parallel projections contracted by a matmul: a partial sum no layer makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x) @ self.b(x).transpose(-1, -2)).softmax(-1)
+
+
+def test_inplace_refuses_a_partial_sum_outside_a_layer() -> None:
+    with pytest.raises(tpshard.PlanError, match="node 'matmul' makes a partial sum outside a layer"):
+        tpshard.parallelize(_ScoresOfTwoProjections(), 2, example_inputs=(torch.randn(2, 3, 8),),
+                            group=tpshard.OfflineGroup(0, 2), inplace=True)

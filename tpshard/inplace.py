@@ -33,6 +33,7 @@ import copy
 import re
 from typing import Any
 
+import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -87,18 +88,18 @@ def _check_expressible(model: nn.Module, captured: Captured, plan: Plan) -> dict
 
 
 def _non_layer_partial(op: Op, by_name: dict[str, Op]) -> str | None:
-    stack, seen = [op], set()
-    while stack:
-        o = stack.pop()
-        if o.name in seen:
-            continue
-        seen.add(o.name)
-        if o.kind in ("linear", "embedding", "input", "norm", "softmax"):
-            continue
-        if o.kind == "matmul":
-            return o.name
-        stack.extend(by_name[t.name] for t in o.tensors if t.name in by_name)
-    return None
+    """A matmul upstream of the reduced value ``op`` (not past a layer, norm or softmax): a
+    partial sum no layer can reduce by itself."""
+    stop = ("linear", "embedding", "input", "norm", "softmax")
+    producers = nx.DiGraph()  # value -> its producers, through ops that may pass a partial sum on
+    for o in by_name.values():
+        if o.kind not in stop:
+            producers.add_edges_from((o.name, t.name) for t in o.tensors if t.name in by_name)
+    if op.kind == "matmul":
+        return op.name
+    if op.name not in producers:
+        return None
+    return next((n for n in nx.descendants(producers, op.name) if by_name[n].kind == "matmul"), None)
 
 
 def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:

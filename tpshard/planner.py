@@ -14,8 +14,9 @@ Phases, in order:
    a failure that is only a size the world size does not divide is an error, because silently
    replicating an attention block or MLP would be a performance cliff (a lone output head is
    replicated instead).
-4. Replay: with every style fixed, one pass over the graph gives the final placements and the
-   edits (collectives on edges, shape literals) that make up the Plan.
+4. Replay: with every style fixed, passes over the graph (until the set of reduced partial
+   sums is stable) give the final placements and the edits (collectives on edges, shape
+   literals) that make up the Plan.
 
 The planner decides; it never mutates the graph or the model.
 """
@@ -27,6 +28,7 @@ import heapq
 from collections import ChainMap
 from typing import Any
 
+import networkx as nx
 import torch.fx as fx
 
 from tpshard import analysis as A
@@ -232,6 +234,9 @@ class _Planner:
         self.world_size = world_size
         self.capture_kind = capture_kind
         self.index = {op.node: i for i, op in enumerate(ops)}
+        self.graph = nx.DiGraph()  # the data flow: value -> consumer
+        self.graph.add_nodes_from(op.node for op in ops)
+        self.graph.add_edges_from((src, op.node) for op in ops for src in op.node.all_input_nodes)
         self.state = _State()
         self.reasons: dict[str, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
@@ -358,20 +363,17 @@ class _Planner:
             )
         self.replicate(op, f"kept whole: {first.reason} (at node {first.op.name!r})")
 
-    def _downstream(self, seed: Op, found: Any, stop: tuple[str, ...], limit: int = 256) -> bool:
-        """Walk the seed's users (not past ops of the ``stop`` kinds): does ``found`` hold for one?"""
-        stack, seen = [seed.node], {seed.node}
-        while stack and len(seen) < limit:
-            for u in stack.pop().users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                uop = self.ops[self.index[u]]
-                if found(uop):
-                    return True
-                if uop.kind not in stop:
-                    stack.append(u)
-        return False
+    def reachable(self, start: fx.Node, through: Any, reverse: bool = False) -> set[fx.Node]:
+        """Nodes reachable from ``start`` (consumers, or producers with ``reverse``) along edges
+        that leave ``start`` or an op for which ``through(op)`` holds."""
+        graph = self.graph.reverse(copy=False) if reverse else self.graph
+        view = nx.subgraph_view(graph, filter_edge=lambda u, v: u is start or through(self.ops[self.index[u]]))
+        return nx.descendants(view, start)
+
+    def _downstream(self, seed: Op, found: Any, stop: tuple[str, ...]) -> bool:
+        """Does ``found`` hold for an op the seed's output reaches (not walking past ``stop`` kinds)?"""
+        return any(found(self.ops[self.index[n]])
+                   for n in self.reachable(seed.node, lambda o: o.kind not in stop))
 
     def _joins_split(self, seed: Op) -> bool:
         """Does the seed's output meet a value an earlier region already split (before any
@@ -381,7 +383,7 @@ class _Planner:
 
     def _feeds_another_linear(self, seed: Op) -> bool:
         """Is the seed's output contracted again (a pair could form), or only the model's output?"""
-        return self._downstream(seed, lambda o: o.kind in ("linear", "matmul", "sdpa"), stop=(), limit=10**9)
+        return self._downstream(seed, lambda o: o.kind in ("linear", "matmul", "sdpa"), stop=())
 
     # -- phase 4: replay ---------------------------------------------------------------------
     def replay(self) -> Plan:

@@ -164,21 +164,17 @@ def _region_reason(pl: "_Planner", op: Op, style: str) -> str:
     from tpshard.planner import _key
 
     def walk(start: fx.Node, forward: bool) -> list[str]:
-        found, stack, seen = [], [start], {start}
-        while stack:
-            n = stack.pop()
-            nxt = list(n.users) if forward else list(n.all_input_nodes)
-            for m in nxt:
-                if m in seen:
-                    continue
-                seen.add(m)
-                mop = pl.ops[pl.index[m]]
-                if mop.kind == "linear" or mop.kind == "output":
-                    found.append("the model output" if mop.kind == "output" else _key(mop))
-                elif pl.state.place.get(m) is not A.REPLICATED or not forward:
-                    if mop.kind not in ("norm",):
-                        stack.append(m)
-        return sorted(set(found))
+        """The linears (and the output) a split value reaches, or the linears a partial comes from:
+        forward through split or partial values, backward through anything, never past a
+        linear or a norm."""
+        def through(o: Op) -> bool:
+            if o.kind in ("linear", "output", "norm"):
+                return False
+            return not forward or pl.state.place.get(o.node) is not A.REPLICATED
+
+        reached = [pl.ops[pl.index[n]] for n in pl.reachable(start, through, reverse=not forward)]
+        return sorted({"the model output" if o.kind == "output" else _key(o)
+                       for o in reached if o.kind in ("linear", "output")})
 
     if style in ("column", "column_no_gather"):
         dests = walk(op.node, True)
