@@ -24,7 +24,7 @@ from tpshard.placement import (REPLICATED, SAME, Decider, Fail, Layouts, Partial
 from tpshard.rules_shape import SHAPE_RULES, view_groups  # noqa: F401
 
 __all__ = ["REPLICATED", "SAME", "Split", "Partial", "SplitSize", "Layouts", "Fail", "Decider", "transfer",
-           "view_groups", "check_segments"]
+           "partial_grad_inputs", "view_groups", "check_segments"]
 
 
 def transfer(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
@@ -33,6 +33,34 @@ def transfer(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
         return (replicated_output(op), [SAME] * len(ins))
     rule = _RULES.get(op.kind, opaque)
     return rule(op, ins, d)
+
+
+def partial_grad_inputs(op: Op, ins: list[Any], needs: list[Any], out: Any) -> list[int]:
+    """The inputs whose gradient each rank computes only in part (a partial sum over the ranks).
+
+    Gradient placement, the mirror image of the forward rules: an op whose output is split
+    sends back to each rank only its slice of the output's gradient. An input that is split
+    too gets back its own slice (exact); an input sliced from a replicated value (need
+    ``Split``) is gathered in backward by the slice's mirror image (exact); but a replicated
+    input taken whole (need ``SAME``/``R``: a per-head norm weight, a broadcast learnable
+    scale, a value broadcast along the split dim, the whole operand of a matmul, an attention
+    mask) gets each rank's contribution only. Summed over the ranks it is the true gradient:
+    one all-reduce in backward (a copy edit: forward identity), exactly like a column
+    linear's input. A partial output passes the gradient back whole (the reduce's mirror
+    image is the identity), and its replicated addend joins after the reduce, so only split
+    outputs make partial gradients. Invariant, by induction over the graph in reverse: every
+    replicated value's gradient is whole on every rank once these inputs are reduced.
+    """
+    if not _has_split(out) or op.kind == "output":
+        return []
+    return [i for i, (p, need) in enumerate(zip(ins, needs))
+            if p is REPLICATED and (need == SAME or need is REPLICATED)]
+
+
+def _has_split(p: Any) -> bool:
+    if isinstance(p, (list, tuple)):
+        return any(_has_split(x) for x in p)
+    return isinstance(p, Split)
 
 
 def _output(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:

@@ -85,6 +85,10 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
                 "one rank's module without a job, pass group=tpshard.OfflineGroup(rank, world_size)."
             )
         raise RuntimeError(f"world_size={world_size} but the tensor-parallel group has {g.size} ranks")
+    if plan is not None and overrides:
+        raise PlanError("parallelize: pass either plan= or overrides=, not both. A given plan is applied as it "
+                        f"is (it was made with overrides {plan.overrides or {}}); to change styles, make it "
+                        "again with tpshard.plan(model, world_size, overrides=...)")
     c = capture(model, example_inputs, example_kwargs)
     if plan is None:
         plan = _plan_captured(c, world_size, overrides)

@@ -294,6 +294,9 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
     if model_spec is None and not isinstance(model, nn.Module):
         model_spec = _factory_spec(model)
     _check_replaceable(Path(directory).absolute(), force, is_dir=True)  # fail before the slow part
+    if plan is not None and overrides:
+        raise CheckpointError("pass either plan= or overrides=, not both: a given plan is used as it is "
+                              "(its overrides are plan.overrides); make it with tpshard.plan(..., overrides=...)")
     with _weights_for(module, weights, trust_pickle) as source:
         if plan is None:
             plan = plan_model(module, world_size, example_inputs=args, example_kwargs=kwargs, overrides=overrides)
@@ -444,7 +447,9 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
                                   "(--model MODEL)")
         module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs, src.example_inputs)
         _check_model(module, src)
-        plan = plan_model(module, world_size, example_inputs=args, example_kwargs=kwargs)
+        # The source's overrides hold for the new world size too (a head left split stays split).
+        plan = plan_model(module, world_size, example_inputs=args, example_kwargs=kwargs,
+                          overrides=src.plan.overrides or None)
     elif plan.world_size != world_size:
         raise CheckpointError(f"the plan is for world size {plan.world_size}, not {world_size}")
     items = []

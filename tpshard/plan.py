@@ -85,7 +85,9 @@ class ModulePlan:
 class Edit:
     """One graph change. ``kind``:
 
-    - copy: ``node``'s value enters the parallel region for ``users`` (fwd identity, bwd all-reduce)
+    - copy: ``node``'s value enters the parallel region for ``users`` (fwd identity, bwd all-reduce):
+      the input of a column linear, or any replicated value (a parameter, a broadcast term) that
+      meets split values whole, whose gradient each rank computes only in part
     - reduce: all-reduce ``node`` (a partial sum) for ``users``, then add ``biases`` once
       (parameter names, or "%name" for a replicated node added to the partial sum)
     - gather: all-gather ``node`` along ``dim`` (``segments`` layout) for ``users``
@@ -122,6 +124,10 @@ class Plan:
     capture: str = "fx"
     ties: dict[str, str] = field(default_factory=dict)  # alias parameter name -> the name it is tied to
     notes: list[str] = field(default_factory=list)
+    # parameter name -> where each rank's gradient comes from (split, whole, all-reduced, gathered)
+    grads: dict[str, str] = field(default_factory=dict)
+    # the user's overrides (fnmatch pattern -> style) the plan was made with, so it can be remade
+    overrides: dict[str, str] = field(default_factory=dict)
 
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +150,8 @@ class Plan:
         edits = [Edit(**{**e, "segments": tup(e.get("segments"))}) for e in d["edits"]]
         return cls(world_size=d["world_size"], modules=modules, params=params, edits=edits,
                    capture=d.get("capture", "fx"), ties=dict(d.get("ties", {})),
-                   notes=list(d.get("notes", [])))
+                   notes=list(d.get("notes", [])), grads=dict(d.get("grads", {})),
+                   overrides=dict(d.get("overrides", {})))
 
     @classmethod
     def from_json(cls, s: str) -> "Plan":
@@ -197,6 +204,8 @@ class Plan:
         lines.append("")
         lines.append(f"world size {self.world_size}: {per_rank:,} of {full:,} parameter elements per rank "
                      f"({100 * per_rank / max(full, 1):.1f}%); collectives per step: {totals}")
+        if self.overrides:
+            lines.append("overrides: " + ", ".join(f"{k}={v}" for k, v in self.overrides.items()))
         lines.extend(self.notes)
         return "\n".join(lines)
 

@@ -242,6 +242,8 @@ class _Planner:
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.canon: dict[str, str] = {}  # every parameter name -> the first name of the same tensor (ties)
         first: dict[int, str] = {}
+        # In module order (named_parameters), so that everything written from it is deterministic.
+        self.param_names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
         for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
             self.param_shapes[name] = tuple(t.shape)
             self.canon[name] = first.setdefault(id(t), name)

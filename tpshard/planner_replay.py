@@ -49,7 +49,7 @@ class _Fixed:
         return candidates[0]
 
 
-def _grad_nodes(ops: list[Op], param_names: set[str]) -> set[fx.Node]:
+def _grad_nodes(ops: list[Op], param_names: Any) -> set[fx.Node]:
     """Values a gradient can flow to: those computed from parameters or float inputs."""
     out: set[fx.Node] = set()
     for op in ops:
@@ -93,6 +93,7 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
     place: dict[fx.Node, Any] = {}
     edits: dict[tuple, Edit] = {}
     no_gather_vars = {layouts.find(s.column_vars[k]) for k, st in s.styles.items() if st == "column_no_gather"}
+    grads = _grad_nodes(pl.ops, pl.param_names)
 
     def seg(var: int) -> tuple[int, ...] | None:
         value = layouts.get(var)
@@ -132,6 +133,9 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
                     add("reduce", t, op.node, biases=sorted(p.biases))
                 add("scatter", t, op.node, dim=need.dim, segments=seg(need.var),
                     reduced=isinstance(p, A.Partial))
+        for i in A.partial_grad_inputs(op, ins, needs, out):
+            if op.tensors[i] in grads:  # each rank's share of its gradient: all-reduced in backward
+                add("copy", op.tensors[i], op.node)
         kept = [i for i, (p, need) in enumerate(zip(ins, needs)) if isinstance(p, A.Partial) and need == A.SAME]
         if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1:
             # P + R: the add passes P on; R is added once after the reduce (an addend "%name@add").
@@ -201,8 +205,8 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
             dim, var = choice
             value = layouts.get(var)
             params[name] = ParamShard(shape=shape, dim=dim, segments=value if value and len(value) > 1 else None)
-    param_names = {name for name, _ in pl.gm.named_parameters(remove_duplicate=False)}
-    grads = _grad_nodes(pl.ops, param_names)
+    param_names = pl.param_names
+    grads = _grad_nodes(pl.ops, set(param_names))
     by_name = {op.name: op for op in pl.ops}
 
     modules: dict[str, ModulePlan] = {}
@@ -246,9 +250,18 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         c = modules[key].collectives
         c[what] = c.get(what, 0) + 1
 
+    def param_row(node_name: str) -> str | None:
+        """The plan row of the parameter a get_attr node reads (its module, or <root>)."""
+        node = by_name[node_name].node
+        if node.op != "get_attr" or node.target not in params:
+            return None
+        owner = next((k for k, m in modules.items() if node.target in m.params), None)
+        return owner or (node.target.rpartition(".")[0] or "<root>")
+
     for e in edits:
         if e.kind == "copy":
-            count(owner_of.get(e.users[0]), "bwd all_reduce")
+            layer = owner_of.get(e.users[0])
+            count(layer or param_row(e.node) or producer(e.users[0]), "bwd all_reduce")
         elif e.kind == "reduce":
             count(producer(e.node), "fwd all_reduce")
         elif e.kind == "gather":
@@ -257,5 +270,53 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
             count(producer(e.users[0]), "bwd all_gather")
     ties = {a: c for a, c in pl.canon.items() if a != c}
     notes = ["tied: " + ", ".join(f"{a} = {c}" for a, c in sorted(ties.items()))] if ties else []
+    grad_of = _grad_placements(pl, params, edits, by_name, grads)
+    synced = [f"{name} ({how})" for name, how in grad_of.items() if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER)]
+    if synced:
+        notes.append("gradients synchronized in backward: " + ", ".join(synced))
+    order = {name: i for i, name in enumerate(param_names)}
+    def row_order(item: tuple[str, ModulePlan]) -> tuple[int, str]:  # module order: first parameter's position
+        return (min((order.get(x, len(order)) for x in item[1].params), default=len(order)), item[0])
+    modules = dict(sorted(modules.items(), key=row_order))
     return Plan(world_size=n, modules=modules, params=params, edits=edits, capture=pl.capture_kind,
-                ties=ties, notes=notes)
+                ties=ties, notes=notes, grads=grad_of, overrides=dict(pl.overrides))
+
+
+GRAD_LOCAL = "split: each rank's gradient is its shard's"
+GRAD_WHOLE = "replicated: computed whole on every rank"
+GRAD_ALL_REDUCE = "partial on each rank: all-reduced in backward"
+GRAD_ALL_GATHER = "sliced on each rank: slices all-gathered in backward"
+
+
+def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[Edit], by_name: dict[str, Op],
+                     grads: set[fx.Node]) -> dict[str, str]:
+    """Where every parameter's gradient comes from, derived from the placements of its uses.
+
+    A split parameter's gradient is its shard's. A replicated one read by a get_attr node gets
+    each rank's partial share where :func:`tpshard.analysis.partial_grad_inputs` put a copy on
+    that node (all-reduced in backward), its slices where a scatter takes a slice of it
+    (gathered in backward), and is whole otherwise (every use sees replicated values; a
+    parameter of a module the plan keeps whole is used on replicated inputs, because a split
+    input would have made it row-parallel or failed its trial). A node with both a copy and
+    a scatter gets both, each on its own edges.
+    """
+    copied = {e.node for e in edits if e.kind == "copy"}
+    sliced = {e.node for e in edits if e.kind == "scatter" and by_name[e.node].node in grads}
+    read_by: dict[str, list[str]] = {}
+    for op in pl.ops:
+        if op.node.op == "get_attr" and isinstance(op.node.target, str):
+            read_by.setdefault(pl.canon.get(op.node.target, op.node.target), []).append(op.name)
+    out: dict[str, str] = {}
+    for name in pl.param_names:
+        canon = pl.canon.get(name, name)
+        if not params[name].replicated:
+            out[name] = GRAD_LOCAL
+            continue
+        nodes = read_by.get(canon, [])
+        if any(x in copied for x in nodes):
+            out[name] = GRAD_ALL_REDUCE
+        elif any(x in sliced for x in nodes):
+            out[name] = GRAD_ALL_GATHER
+        else:
+            out[name] = GRAD_WHOLE
+    return out
