@@ -37,6 +37,9 @@ def build(name: str) -> torch.nn.Module:
     elif name == "mistral":
         model = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
                                                        **common))
+    elif name == "qwen3":  # per-head q_norm/k_norm: replicated weights on split heads
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
+                                                   head_dim=8, **common))
     else:
         model = tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, intermediate_size=64, **common))
     model = model.double().eval()
@@ -86,14 +89,14 @@ def _check(name: str, rank: int, world: int) -> dict:
     styles = {k: m.style for k, m in plan.modules.items()}
     return {"errors": errors, "fwd": counts, "fwd_total": fwd.get_total_counts(), "bwd_all_reduce": counts_bwd,
             "bwd_total": bwd.get_total_counts(), "split_params": split, "styles": styles,
-            "capture": plan.capture}
+            "capture": plan.capture, "plan_total": sum(plan.collective_counts().values())}
 
 
 def _body(rank: int, world: int, names: list[str]) -> list[dict]:
     return [_check(n, rank, world) for n in names]
 
 
-NAMES = ["gpt2", "llama", "mistral", "bert"]
+NAMES = ["gpt2", "llama", "mistral", "qwen3", "bert"]
 
 
 @pytest.mark.slow
@@ -107,12 +110,17 @@ def test_hf_models_equal_original(world: int) -> None:
             assert not bad, f"{name} world {world}: {bad}"
     for name, r in zip(NAMES, results[0]):
         assert r["capture"] == "export"
-        kv_whole = name in ("llama", "mistral") and world > 2
+        kv_whole = name in ("llama", "mistral", "qwen3") and world > 2
         # One all-reduce per attention block and per MLP each way; the embeddings (summed
         # first) add one forward all-reduce, the head one all-gather forward, one all-reduce back.
         assert r["fwd"] == {"all_reduce": 2 * N_LAYER + 1, "all_gather": 1}, (name, r["fwd"])
         assert r["fwd_total"] == 2 * N_LAYER + 2, (name, r)
-        assert r["bwd_all_reduce"] == 2 * N_LAYER + 1, (name, r)
-        assert r["bwd_total"] == 2 * N_LAYER + 1 + (2 * N_LAYER if kv_whole else 0), (name, r)
+        # Qwen3's q_norm and k_norm weights multiply split heads: each rank computes its share of
+        # their gradients, all-reduced in backward (two per layer, listed in the plan; one where k
+        # is kept whole and k_norm sees whole heads).
+        head_norms = (N_LAYER if kv_whole else 2 * N_LAYER) if name == "qwen3" else 0
+        assert r["bwd_all_reduce"] == 2 * N_LAYER + 1 + head_norms, (name, r)
+        assert r["bwd_total"] == 2 * N_LAYER + 1 + head_norms + (2 * N_LAYER if kv_whole else 0), (name, r)
+        assert r["plan_total"] == r["fwd_total"] + r["bwd_total"], (name, r)
         linear = [k for k, s in r["styles"].items() if s in ("column", "row")]
         assert len(linear) >= 4 * N_LAYER, (name, r["styles"])
