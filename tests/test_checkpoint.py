@@ -461,3 +461,14 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_reshard_keeps_the_overrides_the_checkpoint_was_made_with(tmp_path: Path, built: dict) -> None:
+    over = {"lm_head": "column_no_gather"}
+    m2 = ck.save_sharded(built["gpt"], tmp_path / "tp2", 2, overrides=over, progress=False)
+    assert m2.plan.overrides == over and m2.plan.modules["lm_head"].style == "column_no_gather"
+    m4 = ck.reshard(tmp_path / "tp2", tmp_path / "tp4", 4, model=_factory("gpt"), progress=False)
+    assert m4.plan.overrides == over and m4.plan.modules["lm_head"].style == "column_no_gather"
+    assert ck.read_manifest(tmp_path / "tp4").plan.overrides == over
+    with pytest.raises(CheckpointError, match="either plan= or overrides="):
+        ck.save_sharded(built["gpt"], tmp_path / "x", 2, plan=m2.plan, overrides=over, progress=False)

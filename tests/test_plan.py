@@ -213,3 +213,15 @@ def test_original_is_not_mutated_and_names_are_kept() -> None:
     assert rank0.get_parameter("lm_head.weight") is rank0.get_parameter("wte.weight")
     w = model.get_parameter("h.0.mlp.c_fc.weight")
     assert torch.equal(rank0.get_parameter("h.0.mlp.c_fc.weight"), w[: w.shape[0] // 2])
+
+
+def test_overrides_are_recorded_in_the_plan_and_cannot_be_passed_twice() -> None:
+    model, args = models.build("gpt")
+    p = tpshard.plan(model, 2, example_inputs=args, overrides={"lm_head": "column_no_gather"})
+    assert p.overrides == {"lm_head": "column_no_gather"}
+    assert Plan.from_json(p.to_json()).overrides == p.overrides
+    assert "overrides: lm_head=column_no_gather" in p.explain()
+    assert tpshard.plan(model, 2, example_inputs=args).overrides == {}
+    with pytest.raises(PlanError, match="either plan= or overrides="):
+        tpshard.parallelize(model, 2, example_inputs=args, plan=p, overrides={"lm_head": "replicate"},
+                            group=tpshard.OfflineGroup(0, 2))
