@@ -87,11 +87,49 @@ class BroadcastBias(nn.Module):
         return self.down(torch.tanh(self.up(x) + self.gate(x)))
 
 
+class NormModulesOnHeads(nn.Module):
+    """nn.RMSNorm modules over head_dim on split heads, and a LayerNorm (functional, with
+    weights as graph tensors) over head_dim on the split attention output."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.q_norm, self.k_norm = nn.RMSNorm(d // heads), nn.RMSNorm(d // heads)
+        self.out_w = nn.Parameter(1 + 0.3 * torch.randn(d // heads))
+        self.out_b = nn.Parameter(0.3 * torch.randn(d // heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q = self.q_norm(self.q(x).view(b, t, self.heads, -1)).transpose(1, 2)
+        k = self.k_norm(self.k(x).view(b, t, self.heads, -1)).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        y = F.layer_norm(y, (d // self.heads,), self.out_w, self.out_b)
+        return self.o(y.reshape(b, t, d))
+
+
+class SlicedAndWhole(nn.Module):
+    """alpha scales split features (sliced there) and is also used whole: it stays replicated,
+    its slices' gradients gathered in backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.alpha = nn.Parameter(torch.randn(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)) * self.alpha) + self.alpha.square().mean()
+
+
 CASES = {
     "gather_then_reduce": (GatherThenReduce, (3, 16)),
     "scaled_mlp": (ScaledMLP, (3, 5, 16)),
     "head_norm_attention": (HeadNormAttention, (3, 6, 16)),
     "broadcast_bias": (BroadcastBias, (3, 16)),
+    "norm_modules_on_heads": (NormModulesOnHeads, (3, 6, 16)),
+    "sliced_vector": (lambda: _SlicedVector(), (3, 16)),
+    "sliced_and_whole": (SlicedAndWhole, (3, 16)),
 }
 
 
@@ -163,6 +201,12 @@ def test_partial_gradients_are_reduced(world: int) -> None:
     assert r["head_norm_attention"]["grads"]["k_w"] == GRAD_ALL_REDUCE
     assert r["gather_then_reduce"]["grads"]["fc1.weight"] == GRAD_WHOLE
     assert set(r["head_norm_attention"]["split"]) >= {"q", "k", "v", "o"}
+    norms = r["norm_modules_on_heads"]
+    assert set(norms["split"]) >= {"q", "k", "v", "o"}, norms["split"]
+    for name in ("q_norm.weight", "k_norm.weight", "out_w", "out_b"):
+        assert norms["grads"][name] == GRAD_ALL_REDUCE, name
+    assert r["sliced_vector"]["grads"]["alpha"] == GRAD_LOCAL  # stored as its shard
+    assert r["sliced_and_whole"]["grads"]["alpha"] == GRAD_ALL_GATHER
 
 
 def test_partial_gradient_rule() -> None:
@@ -188,7 +232,9 @@ def test_plan_lists_gradient_reductions() -> None:
     assert "gradients synchronized in backward: q_w" in p.explain()
     assert tpshard.Plan.from_json(p.to_json()) == p
     sliced = tpshard.plan(_SlicedVector(), 2, example_inputs=(torch.randn(2, 16),))
-    assert sliced.grads["alpha"] == GRAD_ALL_GATHER
+    assert sliced.params["alpha"].dim == 0 and sliced.grads["alpha"] == GRAD_LOCAL
+    assert sliced.modules["<root>"].style == "sliced"
+    assert sliced.collective_counts() == {"bwd all_reduce": 1, "fwd all_reduce": 1}
 
 
 class _SlicedVector(nn.Module):

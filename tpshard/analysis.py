@@ -24,7 +24,7 @@ from tpshard.placement import (REPLICATED, SAME, Decider, Fail, Layouts, Partial
 from tpshard.rules_shape import SHAPE_RULES, view_groups  # noqa: F401
 
 __all__ = ["REPLICATED", "SAME", "Split", "Partial", "SplitSize", "Layouts", "Fail", "Decider", "transfer",
-           "partial_grad_inputs", "view_groups", "check_segments"]
+           "partial_grad_inputs", "partial_grad_params", "view_groups", "check_segments"]
 
 
 def transfer(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
@@ -55,6 +55,16 @@ def partial_grad_inputs(op: Op, ins: list[Any], needs: list[Any], out: Any) -> l
         return []
     return [i for i, (p, need) in enumerate(zip(ins, needs))
             if p is REPLICATED and (need == SAME or need is REPLICATED)]
+
+
+def partial_grad_params(op: Op, out: Any) -> bool:
+    """Do the parameters a module holds itself (not graph tensors) get partial gradients here?
+
+    Only a norm module keeps its parameters replicated on a split value (a split linear or
+    embedding shards its parameters; any other module on a split value is refused).
+    """
+    return op.kind == "norm" and op.node.op == "call_module" and op.attrs.get("has_params", False) \
+        and _has_split(out)
 
 
 def _has_split(p: Any) -> bool:
@@ -280,15 +290,19 @@ def _reduce(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
 
 
 def _norm(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
-    (x,) = ins
+    # ins: the input, then the weight/bias when they are graph tensors (functional or aten norms).
+    x = ins[0]
     if not isinstance(x, Split):
         return REPLICATED, need_replicated(op, ins)
     nd = len(shape_of(op.node))
     if x.dim >= nd - op.attrs["ndims"]:
         raise Fail(op, f"normalizes over the split dim {x.dim}")
-    if op.attrs["has_params"]:
-        raise Fail(op, "a norm with replicated parameters on a split value would get partial gradients")
-    return x, [SAME]
+    if any(p is not REPLICATED for p in ins[1:]):
+        raise Fail(op, "the norm's weight or bias is not replicated")
+    # The parameters span the normalized dims only, so they broadcast along the split: each rank
+    # computes its share of their gradients (partial_grad_inputs gives graph tensors a copy; a
+    # norm module's own parameters are copied by the replay's copy_params edit).
+    return x, [SAME] * len(ins)
 
 
 _RULES = {

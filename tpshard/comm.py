@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from tpshard import layout
 
@@ -55,6 +55,7 @@ __all__ = [
     "mp_gather",
     "mp_all_gather_seq",
     "mp_reduce_scatter_seq",
+    "call_with_param_copies",
 ]
 
 
@@ -344,6 +345,31 @@ def mp_copy(x: Tensor, group: Any = None) -> Tensor:
     if g.size == 1:
         return x
     return _Copy.apply(x, g)
+
+
+def call_with_param_copies(module: nn.Module, group: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` with its own parameters entering the region as one copy: forward as
+    ``module(*args, **kwargs)``; backward, the gradients of all its parameters are summed over
+    the ranks in one all-reduce (flattened into one buffer).
+
+    For a module kept whole whose input is split (a norm over the head dim on split heads):
+    each rank computes its share of the parameters' gradients. Parameter names are unchanged.
+
+    Example::
+
+        >>> ln = nn.LayerNorm(4)
+        >>> x = torch.randn(2, 4)
+        >>> torch.equal(call_with_param_copies(ln, None, x), ln(x))
+        True
+    """
+    g = resolve_group(group)
+    named = list(module.named_parameters())
+    if g.size == 1 or not named:
+        return module(*args, **kwargs)
+    flat = mp_copy(torch.cat([p.reshape(-1) for _, p in named]), g)  # one bwd all-reduce for all of them
+    pieces = flat.split([p.numel() for _, p in named])
+    params = {name: piece.view_as(p) for (name, p), piece in zip(named, pieces)}
+    return torch.func.functional_call(module, params, args, kwargs)
 
 
 def mp_reduce(x: Tensor, group: Any = None) -> Tensor:

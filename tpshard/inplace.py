@@ -76,6 +76,10 @@ def _check_expressible(model: nn.Module, captured: Captured, plan: Plan) -> dict
         if e.kind == "scatter":
             raise PlanError(f"in-place mode cannot slice the replicated value {e.node!r} for {e.users}: that needs "
                             "the graph (inplace=False), or a world size that divides the kv heads")
+        if e.kind == "copy_params":
+            raise PlanError(f"in-place mode: the norm at node {e.node!r} is kept whole on split values, so its "
+                            "parameters' gradients need an all-reduce in backward that no layer can make; use "
+                            "the graph mode (inplace=False)")
         if e.kind == "copy" and any(u not in column_nodes for u in e.users):
             bad = next(u for u in e.users if u not in column_nodes)
             raise PlanError(f"in-place mode: the replicated value {e.node!r} meets split values at node {bad!r}, so "

@@ -387,10 +387,12 @@ def _describe_function(node: fx.Node) -> Op:
         return _squeeze(node, args[0], args[1:])
     if fn in (torch.sum, torch.mean, torch.amax, torch.amin, torch.logsumexp):
         return _reduce(node, args[0], _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
-    if fn is F.layer_norm:
+    if fn is F.layer_norm or fn is getattr(F, "rms_norm", None):
         shape = _arg(node, 1, "normalized_shape")
-        w, b = _arg(node, 2, "weight"), _arg(node, 3, "bias")
-        return Op(node, "norm", [args[0]], {"ndims": len(shape), "has_params": w is not None or b is not None})
+        w = _arg(node, 2, "weight")
+        b = _arg(node, 3, "bias") if fn is F.layer_norm else None
+        params = [x for x in (w, b) if isinstance(x, fx.Node)]  # graph tensors: their gradients follow the rules
+        return Op(node, "norm", [args[0], *params], {"ndims": len(shape), "has_params": bool(params)})
     if fn in _UNARY_FUNCS:
         ins = _tensor_args(args)
         return Op(node, "pointwise", ins, {"fn": getattr(fn, "__name__", str(fn)),

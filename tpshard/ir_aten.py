@@ -127,9 +127,12 @@ def _describe(node: fx.Node, params: set[str]) -> Op:
         return Op(node, "sdpa", ins, {"has_mask": isinstance(mask, fx.Node)})
     if p in (aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax):
         return Op(node, "softmax", [a[0]], {"dim": a[1]})
-    if p is aten.layer_norm:
-        has = any(isinstance(x, fx.Node) for x in a[2:4])
-        return Op(node, "norm", [a[0]], {"ndims": len(a[1]), "has_params": has})
+    if p is aten.layer_norm:  # (input, normalized_shape, weight, bias, ...): params are graph tensors
+        params = [x for x in a[2:4] if isinstance(x, fx.Node)]
+        return Op(node, "norm", [a[0], *params], {"ndims": len(a[1]), "has_params": bool(params)})
+    if p is getattr(aten, "rms_norm", None):  # (input, normalized_shape, weight, eps)
+        params = [x for x in a[2:3] if isinstance(x, fx.Node)]
+        return Op(node, "norm", [a[0], *params], {"ndims": len(a[1]), "has_params": bool(params)})
     if p in (aten.mean, aten.sum, aten.amax, aten.amin, aten.logsumexp) and len(a) > 1:
         nd = _ndim(a[0])
         dims = a[1] if isinstance(a[1], (list, tuple)) else [a[1]]

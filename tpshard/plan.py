@@ -74,7 +74,8 @@ class ModulePlan:
 
     path: str
     kind: str                    # linear | embedding
-    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather
+    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather;
+                                 # for a module's other parameters (kind "module"): replicate | sliced
     params: list[str] = field(default_factory=list)
     reason: str = ""
     segments: tuple[int, ...] | None = None   # layout of the split features (column/row)
@@ -93,6 +94,8 @@ class Edit:
     - gather: all-gather ``node`` along ``dim`` (``segments`` layout) for ``users``
     - scatter: keep this rank's slice of ``node`` along ``dim`` for ``users`` (free when no
       gradient flows); ``reduced``: the slice is of the all-reduced value
+    - copy_params: the module called at ``node`` (a norm kept whole on split values) takes its own
+      parameters through one copy, so their partial gradients are summed in one bwd all-reduce
     - shape: the shape argument at output ``dim`` of view/reshape/expand ``node`` becomes ``size``
     - split_sizes: the sizes argument of split ``node`` becomes ``sizes``
     - skip_add: the add ``node`` of a partial sum and a replicated value passes on its input

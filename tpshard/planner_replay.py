@@ -82,7 +82,34 @@ def replay(pl: "_Planner") -> Plan:
         if now <= reduced:
             break
         reduced = reduced | now
+    edits = _shard_sliced_params(pl, edits)
     return _write_plan(pl, place, edits, {op.node: op for op in pl.ops})
+
+
+def _shard_sliced_params(pl: "_Planner", edits: list[Edit]) -> list[Edit]:
+    """A parameter that every use slices the same way (a learnable vector inside a split MLP)
+    is stored as its shard instead: exact, 1/N of the memory, and its gradient is its shard's
+    (no backward all-gather of the slices). Not for tied parameters or buffers."""
+    readers: dict[str, int] = {}  # parameter -> how many get_attr nodes read it
+    node_of: dict[str, fx.Node] = {}  # get_attr node name -> node
+    for op in pl.ops:
+        if op.node.op == "get_attr":
+            readers[op.node.target] = readers.get(op.node.target, 0) + 1
+            node_of[op.name] = op.node
+    tied = {name for pair in pl.canon.items() if pair[0] != pair[1] for name in pair}
+    params = set(pl.param_names)
+    keep: list[Edit] = []
+    for e in edits:
+        node = node_of.get(e.node)
+        target = node.target if node is not None else None
+        if (e.kind == "scatter" and not e.reduced and target in params and target not in tied
+                and readers[target] == 1 and all(u.name in e.users for u in node.users)
+                and pl.state.params.get(target) is None):
+            size = pl.param_shapes[target][e.dim]
+            pl.state.params[target] = (e.dim, pl.state.layouts.new(size, e.segments or (size,)))
+            continue
+        keep.append(e)
+    return keep
 
 
 def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
@@ -136,6 +163,8 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
         for i in A.partial_grad_inputs(op, ins, needs, out):
             if op.tensors[i] in grads:  # each rank's share of its gradient: all-reduced in backward
                 add("copy", op.tensors[i], op.node)
+        if A.partial_grad_params(op, out):  # a norm module on split values: its own parameters
+            edits[("copy_params", op.name)] = Edit(kind="copy_params", node=op.name)
         kept = [i for i, (p, need) in enumerate(zip(ins, needs)) if isinstance(p, A.Partial) and need == A.SAME]
         if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1:
             # P + R: the add passes P on; R is added once after the reduce (an addend "%name@add").
@@ -228,8 +257,12 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         if name not in covered and pl.canon.get(name, name) not in covered:
             leftovers.setdefault(name.rpartition(".")[0] or "<root>", []).append(name)
     for path, names in leftovers.items():
-        modules.setdefault(path, ModulePlan(path=path, kind="module", style="replicate", params=sorted(names),
-                                            reason="parameters kept whole (norms, biases of whole tensors)"))
+        if all(params[x].replicated for x in names):
+            style, reason = "replicate", "parameters kept whole (norms, biases of whole tensors)"
+        else:  # see _shard_sliced_params
+            style, reason = "sliced", "parameters split like the split values every use multiplies"
+        modules.setdefault(path, ModulePlan(path=path, kind="module", style=style, params=sorted(names),
+                                            reason=reason))
 
     def producer(node_name: str) -> str | None:
         """The linear/embedding module whose output flows (through linear ops) into this value."""
@@ -262,6 +295,8 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         if e.kind == "copy":
             layer = owner_of.get(e.users[0])
             count(layer or param_row(e.node) or producer(e.users[0]), "bwd all_reduce")
+        elif e.kind == "copy_params":
+            count(by_name[e.node].module if by_name[e.node].module in modules else producer(e.node), "bwd all_reduce")
         elif e.kind == "reduce":
             count(producer(e.node), "fwd all_reduce")
         elif e.kind == "gather":
@@ -301,6 +336,8 @@ def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[
     a scatter gets both, each on its own edges.
     """
     copied = {e.node for e in edits if e.kind == "copy"}
+    module_copied = {f"{by_name[e.node].module}.{n}" for e in edits if e.kind == "copy_params"
+                     for n, _ in pl.gm.get_submodule(by_name[e.node].module).named_parameters()}
     sliced = {e.node for e in edits if e.kind == "scatter" and by_name[e.node].node in grads}
     read_by: dict[str, list[str]] = {}
     for op in pl.ops:
@@ -313,7 +350,7 @@ def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[
             out[name] = GRAD_LOCAL
             continue
         nodes = read_by.get(canon, [])
-        if any(x in copied for x in nodes):
+        if any(x in copied for x in nodes) or name in module_copied or canon in module_copied:
             out[name] = GRAD_ALL_REDUCE
         elif any(x in sliced for x in nodes):
             out[name] = GRAD_ALL_GATHER

@@ -194,7 +194,7 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
     for e in plan.edits:
         if e.kind == "skip_add":
             skip_add[e.node] = e.dim
-        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup"):
+        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup", "copy_params"):
             shape_edits.setdefault(e.node, []).append(e)
         else:
             for u in e.users:
@@ -251,12 +251,23 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             env[node] = lookup(ops[node.name].tensors[skip_add[node.name]])
             continue
         new = graph.node_copy(node, lookup)
+        if any(e.kind == "copy_params" for e in shape_edits.get(node.name, ())):
+            # module(x) -> call_with_param_copies(module, group, x): same parameters, one bwd all-reduce
+            with graph.inserting_after(new):
+                mod = graph.get_attr(node.target)
+            with graph.inserting_after(mod):
+                synced = graph.call_function(comm.call_with_param_copies, (mod, group_node(), *new.args), new.kwargs)
+            new.replace_all_uses_with(synced)
+            graph.erase_node(new)
+            new = synced
         env[node] = new
         for e in shape_edits.get(node.name, ()):
             if e.kind == "shape":
                 _set_shape(new, ops[node.name], e.dim, e.size)
             elif e.kind == "split_sizes":
                 _set_split_sizes(new, e.sizes)
+            elif e.kind == "copy_params":
+                pass  # applied above
             elif e.kind == "drop_bias":
                 _drop_bias(new)
             else:
