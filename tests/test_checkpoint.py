@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file, save_model
 
 import tpshard
 from tpshard import checkpoint as ck
-from tpshard import models, safetensors_io
+from tpshard import models
+from tpshard.checkpoint import safetensors_io
 from tpshard.checkpoint import CheckpointError
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 NAMES = ("gpt", "llama")
 

@@ -12,7 +12,7 @@ Inside a job (``torchrun --nproc-per-node 2 train.py``)::
 """
 
 from tpshard.api import parallelize, plan
-from tpshard.capture import CaptureError
+from tpshard.compiler.capture import CaptureError
 from tpshard.checkpoint import empty_weights, load_sharded
 from tpshard.comm import (
     Group,

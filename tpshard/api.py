@@ -7,10 +7,10 @@ from typing import Any
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.capture import Captured, capture
+from tpshard.compiler.capture import Captured, capture
 from tpshard.plan import Plan, PlanError
-from tpshard.planner import make_plan
-from tpshard.rewrite import rewrite
+from tpshard.compiler.planner import make_plan
+from tpshard.compiler.rewrite import rewrite
 
 __all__ = ["plan", "parallelize"]
 
@@ -39,7 +39,7 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
     if any(p.is_meta for p in model.parameters()) and any(not b.is_meta for b in model.buffers()):
         # Built under empty_weights(): meta parameters beside real buffers. Planning needs
         # shapes only, so capture with everything on the meta device.
-        from tpshard.checkpoint import _to_meta, on_meta
+        from tpshard.models.meta import _to_meta, on_meta
 
         with on_meta(model):
             return _plan_captured(capture(model, _to_meta(example_inputs), _to_meta(example_kwargs or {})),
@@ -62,7 +62,7 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     ``inplace=True`` applies the plan to ``model`` itself instead of building a graph: parallel
     layers are swapped in at their paths and the attributes holding head counts are divided,
     so every method keeps working (e.g. Hugging Face ``generate()``); a plan that needs the
-    graph is refused with the node that needs it (see :mod:`tpshard.inplace`).
+    graph is refused with the node that needs it (see :mod:`tpshard.compiler.inplace`).
 
     Example (world size 1 needs no job)::
 
@@ -91,7 +91,7 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
     if inplace:
-        from tpshard.inplace import apply_inplace
+        from tpshard.compiler.inplace import apply_inplace
 
         return apply_inplace(model, c, plan, g)
     return rewrite(c, plan, g)

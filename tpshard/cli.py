@@ -4,7 +4,7 @@
     tpshard shard MODEL --world-size N --out DIR        a sharded checkpoint: one file per rank
     tpshard merge DIR --out FILE.safetensors            the full weights again, bit-exact
     tpshard reshard DIR --world-size M --out DIR2       N ranks -> M ranks, tensor by tensor
-    tpshard verify ...                                  (when tpshard.verify_cli is installed)
+    tpshard verify ...                                  (when tpshard.verify.cli is installed)
 
 MODEL is a built-in reference model name (see ``tpshard.models.REFERENCE_MODELS``) or
 ``package.module:callable`` returning a model, ``(model, example_args)`` or
@@ -300,11 +300,11 @@ def _add_reshard(sub: Any) -> None:
 
 
 def _add_verify(sub: Any) -> None:
-    """`tpshard verify`, whose handler lives in tpshard.verify_cli (when it exists)."""
+    """`tpshard verify`, whose handler lives in tpshard.verify.cli (when it exists)."""
     try:
-        verify_cli = importlib.import_module("tpshard.verify_cli")
+        verify_cli = importlib.import_module("tpshard.verify.cli")
     except ImportError as e:
-        if e.name != "tpshard.verify_cli":  # it exists but is broken: say so, keep the other commands
+        if e.name != "tpshard.verify.cli":  # it exists but is broken: say so, keep the other commands
             warnings.warn(f"`tpshard verify` is unavailable: {type(e).__name__}: {e}", stacklevel=2)
         return
     verify_cli.add_parser(sub)

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.manifest import MANIFEST_NAME, Manifest
-from tpshard.safetensors_io import CheckpointError
+from tpshard.checkpoint.manifest import MANIFEST_NAME, Manifest
+from tpshard.checkpoint.safetensors_io import CheckpointError
 
 __all__: list[str] = []
 

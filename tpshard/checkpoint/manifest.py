@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tpshard.plan import ParamShard, Plan
-from tpshard.safetensors_io import _DTYPES, CheckpointError, _SafetensorsFile
+from tpshard.checkpoint.safetensors_io import _DTYPES, CheckpointError, _SafetensorsFile
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "TensorInfo", "RankFile", "rank_file_name",
            "read_manifest"]

@@ -27,9 +27,9 @@ interrupted run never leaves a directory that looks complete; an existing output
 only with ``force`` (and only when it is a tpshard checkpoint or empty). Readers check the
 manifest's sha256 of every file they read, in the same pass that reads the tensors.
 
-The parts: :mod:`tpshard.safetensors_io` (the file format, streamed), :mod:`tpshard.manifest`,
-:mod:`tpshard.weights` (weight sources), :mod:`tpshard.meta` (models without weights),
-:mod:`tpshard.fsutil` (atomic output, progress) and :mod:`tpshard.load_rank`; this module
+The parts: :mod:`tpshard.checkpoint.safetensors_io` (the file format, streamed), :mod:`tpshard.checkpoint.manifest`,
+:mod:`tpshard.checkpoint.weights` (weight sources), :mod:`tpshard.models.meta` (models without weights),
+:mod:`tpshard.checkpoint.fsutil` (atomic output, progress) and :mod:`tpshard.checkpoint.load`; this module
 holds the four operations and re-exports the public names of the parts.
 
 Example::
@@ -60,9 +60,9 @@ import torch
 import torch.nn as nn
 
 from tpshard import layout
-from tpshard.fsutil import _atomic_dir, _atomic_file, _check_replaceable, _Progress, format_bytes
-from tpshard.load_rank import _check_model, _fill, _load_group, _real_buffers
-from tpshard.manifest import (
+from tpshard.checkpoint.fsutil import _atomic_dir, _atomic_file, _check_replaceable, _Progress, format_bytes
+from tpshard.checkpoint.load import _check_model, _fill, _load_group, _real_buffers
+from tpshard.checkpoint.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
@@ -75,7 +75,7 @@ from tpshard.manifest import (
     rank_file_name,
     read_manifest,
 )
-from tpshard.meta import (
+from tpshard.models.meta import (
     ModelLike,
     _factory_spec,
     _record_inputs,
@@ -87,8 +87,8 @@ from tpshard.meta import (
     unpack_model,
 )
 from tpshard.plan import ParamShard, Plan
-from tpshard.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
-from tpshard.weights import WeightSource, _CheckpointSource, _weights_for, open_weights
+from tpshard.checkpoint.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
+from tpshard.checkpoint.weights import WeightSource, _CheckpointSource, _weights_for, open_weights
 
 __all__ = [
     "FORMAT_VERSION",
@@ -347,8 +347,8 @@ def load_sharded(model: ModelLike, directory: str | os.PathLike, *, rank: int | 
         >>> rank0.get_parameter("layers.0.mlp.down_proj.weight").shape, rank0.cos.is_meta
         (torch.Size([32, 32]), False)
     """
-    from tpshard.capture import capture
-    from tpshard.rewrite import rewrite
+    from tpshard.compiler.capture import capture
+    from tpshard.compiler.rewrite import rewrite
 
     manifest = read_manifest(directory)
     g = _load_group(manifest, rank, group)

@@ -4,7 +4,7 @@ Phases:
 1. trace with a leaf-aware ``torch.fx`` tracer (torch.nn layers stay ``call_module``); forward
    arguments that are not given become constants (``concrete_args``), as their defaults;
 2. propagate shapes on fake tensors (no real memory, also for a model on the meta device);
-3. describe every node for the planner (:mod:`tpshard.ir`).
+3. describe every node for the planner (:mod:`tpshard.compiler.ir`).
 
 The model is never modified: the traced GraphModule shares its submodules and parameters.
 
@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from tpshard.ir import Op, describe_fx
+from tpshard.compiler.ir import Op, describe_fx
 
 __all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
 
@@ -194,7 +194,7 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
 
     ``method``: "auto", "fx" (symbolic tracing only) or "export".
     """
-    from tpshard.capture_export import capture_export
+    from tpshard.compiler.capture_export import capture_export
 
     example_kwargs = dict(example_kwargs or {})
     example_inputs = tuple(example_inputs)

@@ -34,9 +34,9 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
 
 
 def capture_export(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Any:
-    """Export ``model`` on the example inputs and describe the graph (see tpshard.ir_aten)."""
-    from tpshard.capture import Captured
-    from tpshard.ir_aten import describe_aten
+    """Export ``model`` on the example inputs and describe the graph (see tpshard.compiler.ir_aten)."""
+    from tpshard.compiler.capture import Captured
+    from tpshard.compiler.ir_aten import describe_aten
 
     note = ""
     try:

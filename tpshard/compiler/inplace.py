@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpshard import comm, layers
-from tpshard.capture import Captured, capture
-from tpshard.ir import Op
+from tpshard.compiler.capture import Captured, capture
+from tpshard.compiler.ir import Op
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["apply_inplace"]
@@ -50,7 +50,7 @@ _SPLIT_STYLES = ("column", "row", "vocab", "embed_dim", "column_no_gather")
 
 
 def _key(op: Op) -> str:
-    from tpshard.planner import _key as key
+    from tpshard.compiler.planner import _key as key
 
     return key(op)
 
@@ -193,7 +193,7 @@ def _mismatches(captured: Captured, shadow: Captured, plan: Plan) -> list[tuple[
 
 
 def _shapes(node: fx.Node) -> list:
-    from tpshard.ir import shape_of
+    from tpshard.compiler.ir import shape_of
 
     s = shape_of(node)
     return s if isinstance(s, list) else [s]

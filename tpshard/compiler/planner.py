@@ -4,7 +4,7 @@ Phases, in order:
 
 1. Seeds, in graph order. An embedding tries "vocab" (its lookup becomes a partial sum); a
    linear whose input is replicated tries "column" (its output becomes S(-1)).
-2. A trial propagates the seed's placement forward with :func:`tpshard.analysis.transfer`
+2. A trial propagates the seed's placement forward with :func:`tpshard.compiler.analysis.transfer`
    until every split value has reached a row linear (which turns it into a partial sum) or the
    graph output, and every partial sum has been reduced. When an op needs another operand
    split (q meets k in ``q @ k.T``; ``silu(gate) * up``), the trial *pulls*: the undecided
@@ -31,8 +31,8 @@ from typing import Any
 import networkx as nx
 import torch.fx as fx
 
-from tpshard import analysis as A
-from tpshard.ir import Op, shape_of
+from tpshard.compiler import analysis as A
+from tpshard.compiler.ir import Op, shape_of
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["make_plan", "STYLES"]
@@ -387,7 +387,7 @@ class _Planner:
 
     # -- phase 4: replay ---------------------------------------------------------------------
     def replay(self) -> Plan:
-        from tpshard.planner_replay import replay
+        from tpshard.compiler.planner_replay import replay
 
         return replay(self)
 

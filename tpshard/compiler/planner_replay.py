@@ -1,7 +1,7 @@
 """Phase 4 of planning: with every style fixed, replay the rules once and write the Plan.
 
 The replay walks the graph in order, takes each op's output placement from
-:func:`tpshard.analysis.transfer`, and turns every edge whose input placement differs from
+:func:`tpshard.compiler.analysis.transfer`, and turns every edge whose input placement differs from
 what the op needs into an :class:`~tpshard.plan.Edit`. Edits on the same value and of the same
 kind are merged, so consumers of one replicated activation share one copy (one backward
 all-reduce), and consumers of one partial sum share one all-reduce.
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
-from tpshard import analysis as A
-from tpshard.ir import Op, shape_of
+from tpshard.compiler import analysis as A
+from tpshard.compiler.ir import Op, shape_of
 from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
 
 if TYPE_CHECKING:
-    from tpshard.planner import _Planner
+    from tpshard.compiler.planner import _Planner
 
 __all__ = ["replay"]
 
@@ -161,7 +161,7 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
 
 def _region_reason(pl: "_Planner", op: Op, style: str) -> str:
     """Why a column or row use is split: where its split value goes, or where it comes from."""
-    from tpshard.planner import _key
+    from tpshard.compiler.planner import _key
 
     def walk(start: fx.Node, forward: bool) -> list[str]:
         """The linears (and the output) a split value reaches, or the linears a partial comes from:
@@ -186,7 +186,7 @@ def _region_reason(pl: "_Planner", op: Op, style: str) -> str:
 
 
 def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> Plan:
-    from tpshard.planner import _key
+    from tpshard.compiler.planner import _key
 
     s = pl.state
     n = pl.world_size

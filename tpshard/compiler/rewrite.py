@@ -12,8 +12,8 @@ from the Plan. It never mutates its input: a new GraphModule is built, with
 Example::
 
     >>> import torch
-    >>> from tpshard.capture import capture
-    >>> from tpshard.planner import make_plan
+    >>> from tpshard.compiler.capture import capture
+    >>> from tpshard.compiler.planner import make_plan
     >>> from tpshard.comm import OfflineGroup
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     >>> c = capture(mlp)
@@ -33,8 +33,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.capture import Captured
-from tpshard.ir import Op
+from tpshard.compiler.capture import Captured
+from tpshard.compiler.ir import Op
 from tpshard.plan import Edit, Plan, PlanError
 
 __all__ = ["rewrite", "GROUP_ATTR"]

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from tpshard.plan import Plan
-from tpshard.safetensors_io import CheckpointError
+from tpshard.checkpoint.safetensors_io import CheckpointError
 
 __all__ = ["empty_weights", "on_meta", "unpack_model", "plan_model"]
 

@@ -60,8 +60,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(ns: argparse.Namespace) -> int:
     """Handle ``tpshard verify``: print the plan and the report; return the exit status."""
-    from tpshard.capture import CaptureError
-    from tpshard.launch import RankError, RankTimeout
+    from tpshard.compiler.capture import CaptureError
+    from tpshard.verify.launch import RankError, RankTimeout
     from tpshard.plan import PlanError
     from tpshard.verify import verify
 

@@ -22,7 +22,7 @@ from tpshard import layout
 from tpshard.plan import Plan
 
 if TYPE_CHECKING:
-    from tpshard.verify_ranks import _Job
+    from tpshard.verify.ranks import _Job
 
 __all__ = ["DEFAULT_TOLERANCES", "parse_dtype", "default_tolerance", "flatten", "map_tensors", "Comparison",
            "compare"]

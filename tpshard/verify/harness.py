@@ -31,9 +31,9 @@ so :func:`verify` puts such a model in eval mode and says so in ``report.notes``
 ``keep_dropout=True`` it keeps training mode and names dropout as the reason of any mismatch.
 
 This module runs the phases and holds the report; the pieces live in
-:mod:`tpshard.verify_compare` (tolerances, comparisons), :mod:`tpshard.verify_model` (model
-specs, dropout, getting the model to the ranks), :mod:`tpshard.verify_ranks` (the training step
-and the body of each rank) and :mod:`tpshard.verify_localize` (first-divergence localization).
+:mod:`tpshard.verify.compare` (tolerances, comparisons), :mod:`tpshard.verify.model` (model
+specs, dropout, getting the model to the ranks), :mod:`tpshard.verify.ranks` (the training step
+and the body of each rank) and :mod:`tpshard.verify.localize` (first-divergence localization).
 
 Example::
 
@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from tpshard.plan import Plan, PlanError
 # The pieces, one job each; the names tpshard.verify has always offered are re-exported here.
-from tpshard.verify_compare import (  # noqa: F401  (re-exported)
+from tpshard.verify.compare import (  # noqa: F401  (re-exported)
     DEFAULT_TOLERANCES,
     Comparison,
     _comparisons,
@@ -67,9 +67,9 @@ from tpshard.verify_compare import (  # noqa: F401  (re-exported)
     map_tensors,
     parse_dtype,
 )
-from tpshard.verify_localize import _fallback_divergence, _localize, _module_comparison, _Recorder  # noqa: F401
-from tpshard.verify_model import _named_tensors, _Source, _source_for, active_dropout, resolve_model  # noqa: F401
-from tpshard.verify_ranks import _convert, _fresh, _Job, _output_shapes, _rank_main, _run_step  # noqa: F401
+from tpshard.verify.localize import _fallback_divergence, _localize, _module_comparison, _Recorder  # noqa: F401
+from tpshard.verify.model import _named_tensors, _Source, _source_for, active_dropout, resolve_model  # noqa: F401
+from tpshard.verify.ranks import _convert, _fresh, _Job, _output_shapes, _rank_main, _run_step  # noqa: F401
 
 __all__ = [
     "verify",
@@ -227,8 +227,8 @@ def verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = (),
     Returns:
         a :class:`VerifyReport`; ``report.ok`` only when every comparison passes.
     Raises:
-        tpshard.launch.RankError (a rank raised; its traceback is in the message),
-        tpshard.launch.RankTimeout (a rank hung or died), ValueError / PlanError / CaptureError
+        tpshard.verify.launch.RankError (a rank raised; its traceback is in the message),
+        tpshard.verify.launch.RankTimeout (a rank hung or died), ValueError / PlanError / CaptureError
         (the model, inputs or plan cannot be used as given; the message says why).
 
     Example::
@@ -276,9 +276,9 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
     """:func:`verify`, plus the knobs tests need: ``_tamper(rank, world_size, sharded)`` runs
     in each rank right after parallelize (a module-level function when ranks are spawned), to
     inject a fault; ``start_method`` picks fork/spawn; ``localize`` records module outputs."""
-    from tpshard.capture import capture
-    from tpshard.launch import run_ranks
-    from tpshard.planner import make_plan
+    from tpshard.compiler.capture import capture
+    from tpshard.verify.launch import run_ranks
+    from tpshard.compiler.planner import make_plan
 
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)

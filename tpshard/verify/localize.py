@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tpshard import layout
 from tpshard.plan import Plan
-from tpshard.verify_compare import Comparison, _to_cpu, _worst, compare, flatten
+from tpshard.verify.compare import Comparison, _to_cpu, _worst, compare, flatten
 
 if TYPE_CHECKING:
     from tpshard.verify import VerifyReport

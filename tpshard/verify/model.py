@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tpshard.verify_compare import parse_dtype
+from tpshard.verify.compare import parse_dtype
 
 __all__ = ["resolve_model", "active_dropout"]
 

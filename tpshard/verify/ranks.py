@@ -22,9 +22,9 @@ from torch import Tensor
 
 from tpshard import layout
 from tpshard.plan import Plan
-from tpshard.verify_compare import _output_layout, _to_cpu, flatten, map_tensors
-from tpshard.verify_localize import _Probes, _Recorder, _sharded_tag
-from tpshard.verify_model import _Source
+from tpshard.verify.compare import _output_layout, _to_cpu, flatten, map_tensors
+from tpshard.verify.localize import _Probes, _Recorder, _sharded_tag
+from tpshard.verify.model import _Source
 
 # ---------------------------------------------------------------------------------------------
 # Collective counting: CommDebugMode, plus the bytes each collective moves.
