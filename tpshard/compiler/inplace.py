@@ -41,18 +41,13 @@ import torch.nn.functional as F
 
 from tpshard import comm, layers
 from tpshard.compiler.capture import Captured, capture
-from tpshard.compiler.ir import Op
+from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.ir import plan_key as _key
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["apply_inplace"]
 
 _SPLIT_STYLES = ("column", "row", "vocab", "embed_dim", "column_no_gather")
-
-
-def _key(op: Op) -> str:
-    from tpshard.compiler.planner import _key as key
-
-    return key(op)
 
 
 def _layer_ops(captured: Captured, plan: Plan) -> list[Op]:
@@ -193,8 +188,6 @@ def _mismatches(captured: Captured, shadow: Captured, plan: Plan) -> list[tuple[
 
 
 def _shapes(node: fx.Node) -> list:
-    from tpshard.compiler.ir import shape_of
-
     s = shape_of(node)
     return s if isinstance(s, list) else [s]
 

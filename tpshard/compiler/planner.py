@@ -33,6 +33,8 @@ import torch.fx as fx
 
 from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.ir import plan_key as _key
+from tpshard.compiler.planner_replay import replay
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["make_plan", "STYLES"]
@@ -40,15 +42,6 @@ __all__ = ["make_plan", "STYLES"]
 STYLES = {"column", "row", "vocab", "embed_dim", "replicate", "column_no_gather"}
 _MAX_TRIES = 48
 _MISSING = object()
-
-
-def _key(op: Op) -> str:
-    """The plan's name for a linear/embedding use: its module path, or path:node for F.linear."""
-    if "key" in op.attrs:
-        return op.attrs["key"]
-    if op.node.op == "call_module":
-        return op.module
-    return f"{op.module}:{op.node.name}" if op.module else op.node.name
 
 
 class _State:
@@ -387,8 +380,6 @@ class _Planner:
 
     # -- phase 4: replay ---------------------------------------------------------------------
     def replay(self) -> Plan:
-        from tpshard.compiler.planner_replay import replay
-
         return replay(self)
 
 
