@@ -39,10 +39,10 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
     if any(p.is_meta for p in model.parameters()) and any(not b.is_meta for b in model.buffers()):
         # Built under empty_weights(): meta parameters beside real buffers. Planning needs
         # shapes only, so capture with everything on the meta device.
-        from tpshard.models.meta import _to_meta, on_meta
+        from tpshard.models.meta import on_meta, to_meta
 
         with on_meta(model):
-            return _plan_captured(capture(model, _to_meta(example_inputs), _to_meta(example_kwargs or {})),
+            return _plan_captured(capture(model, to_meta(example_inputs), to_meta(example_kwargs or {})),
                                   world_size, overrides)
     return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides)
 

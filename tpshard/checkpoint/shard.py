@@ -75,17 +75,9 @@ from tpshard.checkpoint.manifest import (
     rank_file_name,
     read_manifest,
 )
-from tpshard.models.meta import (
-    ModelLike,
-    _factory_spec,
-    _record_inputs,
-    _resolve_model,
-    _to_meta,
-    empty_weights,
-    on_meta,
-    plan_model,
-    unpack_model,
-)
+from tpshard.checkpoint.model import _factory_spec, _record_inputs, _resolve_model, plan_model
+from tpshard.models.meta import empty_weights, on_meta, to_meta
+from tpshard.models.resolve import ModelLike, unpack_model
 from tpshard.plan import ParamShard, Plan
 from tpshard.checkpoint.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
 from tpshard.checkpoint.weights import WeightSource, _CheckpointSource, _weights_for, open_weights
@@ -356,7 +348,7 @@ def load_sharded(model: ModelLike, directory: str | os.PathLike, *, rank: int | 
     _check_model(module, manifest)
     buffers = _real_buffers(module)
     with on_meta(module):
-        sharded = rewrite(capture(module, _to_meta(args), _to_meta(kwargs)), manifest.plan, g)
+        sharded = rewrite(capture(module, to_meta(args), to_meta(kwargs)), manifest.plan, g)
     path = manifest.rank_path(g.rank)
     with _RankReader(manifest, g.rank) as reader:
         by_offset = sorted(reader.entries.values(), key=lambda e: e.begin)

@@ -68,7 +68,8 @@ from tpshard.verify.compare import (  # noqa: F401  (re-exported)
     parse_dtype,
 )
 from tpshard.verify.localize import _fallback_divergence, _localize, _module_comparison, _Recorder  # noqa: F401
-from tpshard.verify.model import _named_tensors, _Source, _source_for, active_dropout, resolve_model  # noqa: F401
+from tpshard.models.resolve import resolve_model
+from tpshard.verify.model import _named_tensors, _Source, _source_for, active_dropout  # noqa: F401
 from tpshard.verify.ranks import _convert, _fresh, _Job, _output_shapes, _rank_main, _run_step  # noqa: F401
 
 __all__ = [
