@@ -11,6 +11,7 @@ Inside a job (``torchrun --nproc-per-node 2 train.py``)::
     sharded = tpshard.parallelize(model, 2)     # this rank's module, same outputs as model
 """
 
+from tpshard._version import __version__
 from tpshard.api import parallelize, plan
 from tpshard.compiler.capture import CaptureError
 from tpshard.checkpoint import empty_weights, load_sharded
@@ -37,8 +38,6 @@ from tpshard.layers import (
 )
 from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
 from tpshard.verify import VerifyReport, verify
-
-__version__ = "0.1.0"
 
 __all__ = [
     "parallelize", "plan", "Plan", "ParamShard", "ModulePlan", "Edit", "PlanError", "CaptureError",
