@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tpshard.models.resolve import resolve_model
+from tpshard.plan import Plan
 
 __all__ = ["active_dropout"]
 
@@ -134,3 +135,25 @@ def _check_importable_in_child(cls: type) -> None:
         raise pickle.PicklingError(f"class {cls.__qualname__} lives in an interactive __main__") from e
     if lines and lines[0][:1].isspace():
         raise pickle.PicklingError(f"class {cls.__qualname__} is defined inside a block of the main script")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the ranks get.
+
+
+@dataclass
+class _Job:
+    source: _Source
+    dtype: torch.dtype
+    device: str
+    plan: Plan
+    args: tuple
+    kwargs: dict
+    fresh_args: tuple
+    fresh_kwargs: dict
+    output_shapes: dict[str, tuple[int, ...]]
+    backward: bool
+    optimizer_step: bool
+    localize: bool
+    seed: int = 0
+    tamper: Callable[[int, int, nn.Module], None] | None = None
