@@ -36,11 +36,11 @@ from tpshard.layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
+from tpshard.plan import AttributeChange, Edit, ModulePlan, ParamShard, Plan, PlanError
 from tpshard.verify import VerifyReport, verify
 
 __all__ = [
-    "parallelize", "plan", "Plan", "ParamShard", "ModulePlan", "Edit", "PlanError", "CaptureError",
+    "parallelize", "plan", "Plan", "ParamShard", "ModulePlan", "Edit", "AttributeChange", "PlanError", "CaptureError",
     "Group", "OfflineGroup", "init_parallelism", "reset_parallelism", "get_rank", "get_world_size",
     "mp_copy", "mp_reduce", "mp_scatter", "mp_gather", "mp_all_gather_seq", "mp_reduce_scatter_seq",
     "ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding", "VocabParallelEmbedding",

@@ -3,9 +3,12 @@
 Other folders use these names; the modules' underscore names stay inside this folder.
 """
 
-from tpshard.compiler.capture import CaptureError, Captured, capture
-from tpshard.compiler.inplace import apply_inplace
-from tpshard.compiler.planner import STYLES, make_plan
+from tpshard.compiler.capture import CaptureError, capture
+from tpshard.compiler.captured import Captured
+from tpshard.compiler.inplace import apply_inplace, plan_inplace
+from tpshard.compiler.planner import make_plan
 from tpshard.compiler.rewrite import rewrite
+from tpshard.compiler.styles import SPLIT_STYLES, STYLES
 
-__all__ = ["CaptureError", "Captured", "capture", "make_plan", "STYLES", "rewrite", "apply_inplace"]
+__all__ = ["CaptureError", "Captured", "capture", "make_plan", "STYLES", "SPLIT_STYLES", "rewrite", "plan_inplace",
+           "apply_inplace"]

@@ -35,11 +35,11 @@ from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
 from tpshard.compiler.planner_replay import replay
+from tpshard.compiler.styles import STYLES
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["make_plan", "STYLES"]
 
-STYLES = {"column", "row", "vocab", "embed_dim", "replicate", "column_no_gather"}
 _MAX_TRIES = 48
 _MISSING = object()
 
