@@ -13,7 +13,7 @@ Inside a job (``torchrun --nproc-per-node 2 train.py``)::
 
 from tpshard._version import __version__
 from tpshard.api import parallelize, plan
-from tpshard.compiler.capture import CaptureError
+from tpshard.compiler import CaptureError
 from tpshard.checkpoint import empty_weights, load_sharded
 from tpshard.comm import (
     Group,
