@@ -5,7 +5,8 @@ Other folders use these names; the modules' underscore names stay inside this fo
 
 from tpshard.compiler.capture import CaptureError, capture
 from tpshard.compiler.captured import Captured
-from tpshard.compiler.inplace import apply_inplace, plan_inplace
+from tpshard.compiler.inplace import plan_inplace
+from tpshard.compiler.inplace_apply import apply_inplace
 from tpshard.compiler.planner import make_plan
 from tpshard.compiler.rewrite import rewrite
 from tpshard.compiler.styles import SPLIT_STYLES, STYLES

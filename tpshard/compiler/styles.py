@@ -2,7 +2,7 @@
 
 One table serves both ways of applying a Plan. In a graph (:mod:`tpshard.compiler.rewrite`) the
 collectives are explicit nodes, so a layer runs without its own: no input copy, no output
-gather, no reduce. In place (:mod:`tpshard.compiler.inplace`) there is no graph to hold them, so
+gather, no reduce. In place (:mod:`tpshard.compiler.inplace_apply`) there is no graph to hold them, so
 each layer runs its own (the layers' defaults), a column layer gathering its output where the
 Plan gathers it.
 
