@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 import tpshard
 from tpshard import models
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from handwritten import build_handwritten  # noqa: E402

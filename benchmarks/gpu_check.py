@@ -27,8 +27,8 @@ import torch
 
 import tpshard
 from tpshard import models
-from tpshard.capture import CaptureError
-from tpshard.launch import RankError, RankTimeout
+from tpshard.compiler.capture import CaptureError
+from tpshard.verify.launch import RankError, RankTimeout
 from tpshard.plan import PlanError
 from tpshard.verify import default_tolerance, verify
 

@@ -17,7 +17,7 @@ from torch import nn
 # Imported here, not in the ranks: forked ranks inherit it (importing it in a rank costs ~1 s).
 from torch.distributed.tensor.debug import CommDebugMode
 
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 DT = torch.float64
 WORLDS = [1, 2, 4]  # world sizes the layer suites run on

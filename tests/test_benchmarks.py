@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tpshard import models
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

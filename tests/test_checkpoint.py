@@ -22,9 +22,11 @@ from safetensors.torch import load_file, save_file, save_model
 
 import tpshard
 from tpshard import checkpoint as ck
-from tpshard import models, safetensors_io
+from tpshard import models
+from tpshard.checkpoint import safetensors_io
+from tpshard.checkpoint import shard as ck_shard
 from tpshard.checkpoint import CheckpointError
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 NAMES = ("gpt", "llama")
 
@@ -109,7 +111,7 @@ def test_streaming_in_tiny_chunks_writes_the_same_bytes(name: str, built: dict, 
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors go through in chunks of rows (a few rows here, 32 MiB normally): same files."""
     unchunked = ck.reshard(ckpts[name], tmp_path / "ref4", 4, model=_factory(name), progress=False)
-    monkeypatch.setattr(ck, "_CHUNK_BYTES", 300)
+    monkeypatch.setattr(ck_shard, "_CHUNK_BYTES", 300)
     monkeypatch.setattr(safetensors_io, "_GAP_READ_BYTES", 300)  # the readers' hashing of skipped bytes
     with ck.empty_weights():
         meta_model, _ = models.build(name, dtype=torch.float64)

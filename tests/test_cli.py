@@ -157,11 +157,11 @@ def test_verify_subcommand_is_registered_when_its_module_exists(monkeypatch: pyt
         p = sub.add_parser("verify", help="compare sharded and original on real ranks")
         p.set_defaults(fn=lambda ns: print("verified") or 0)
 
-    monkeypatch.setitem(sys.modules, "tpshard.verify_cli", types.SimpleNamespace(add_parser=add_parser))
+    monkeypatch.setitem(sys.modules, "tpshard.verify.cli", types.SimpleNamespace(add_parser=add_parser))
     assert _run(capsys, "verify")[:2] == (0, "verified\n")
-    monkeypatch.delitem(sys.modules, "tpshard.verify_cli")
-    monkeypatch.setattr(tpshard, "verify_cli", None, raising=False)  # as if the module did not exist
-    monkeypatch.setitem(sys.modules, "tpshard.verify_cli", None)
+    monkeypatch.delitem(sys.modules, "tpshard.verify.cli")
+    monkeypatch.setattr(sys.modules["tpshard.verify"], "cli", None, raising=False)  # as if the module did not exist
+    monkeypatch.setitem(sys.modules, "tpshard.verify.cli", None)
     code, _, err = _run(capsys, "verify")
     assert code == 2 and "invalid choice: 'verify'" in err
 

@@ -1,4 +1,4 @@
-"""Tests for tpshard.comm (region functions, groups) and tpshard.launch (run_ranks).
+"""Tests for tpshard.comm (region functions, groups) and tpshard.verify.launch (run_ranks).
 
 Multi-rank checks run on real gloo ranks through ``run_ranks``. Each launch runs many checks;
 a check first does all its collectives, then compares, and returns its mismatches (so a wrong
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
 from tpshard import comm, layout
-from tpshard.launch import RankError, RankTimeout, run_ranks
+from tpshard.verify.launch import RankError, RankTimeout, run_ranks
 
 from _dist import DT, Checker, comm_counts, gen
 

@@ -15,7 +15,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import tpshard
 from tpshard import models
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 tf = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)

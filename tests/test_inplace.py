@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tpshard
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 tf = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))

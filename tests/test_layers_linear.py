@@ -23,7 +23,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from tpshard import comm, layers, layout
 from tpshard.comm import OfflineGroup
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 from tpshard.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 
 from _dist import (

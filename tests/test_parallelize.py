@@ -12,7 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import tpshard
 from tpshard import models
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 RTOL = 1e-10
 

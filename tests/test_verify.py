@@ -20,17 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tpshard
-from tpshard import models, verify_cli
-from tpshard.launch import RankError, RankTimeout
+from tpshard import models
+from tpshard.verify import cli as verify_cli
+from tpshard.verify.launch import RankError, RankTimeout
 from tpshard.testing import assert_equivalent
 from tpshard.verify import (
     DEFAULT_TOLERANCES,
     Comparison,
     VerifyReport,
-    _fresh,
-    _module_comparison,
-    _source_for,
-    _verify,
     active_dropout,
     compare,
     default_tolerance,
@@ -38,6 +35,10 @@ from tpshard.verify import (
     resolve_model,
     verify,
 )
+from tpshard.verify.harness import _verify
+from tpshard.verify.localize import _module_comparison
+from tpshard.verify.model import _source_for
+from tpshard.verify.ranks import _fresh
 
 # ---------------------------------------------------------------------------------------------
 # Models and factories (factories are named as f"{__name__}:name", as MODEL on the CLI).

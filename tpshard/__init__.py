@@ -11,8 +11,9 @@ Inside a job (``torchrun --nproc-per-node 2 train.py``)::
     sharded = tpshard.parallelize(model, 2)     # this rank's module, same outputs as model
 """
 
+from tpshard._version import __version__
 from tpshard.api import parallelize, plan
-from tpshard.capture import CaptureError
+from tpshard.compiler import CaptureError
 from tpshard.checkpoint import empty_weights, load_sharded
 from tpshard.comm import (
     Group,
@@ -35,13 +36,11 @@ from tpshard.layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
+from tpshard.plan import AttributeChange, Edit, ModulePlan, ParamShard, Plan, PlanError
 from tpshard.verify import VerifyReport, verify
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "parallelize", "plan", "Plan", "ParamShard", "ModulePlan", "Edit", "PlanError", "CaptureError",
+    "parallelize", "plan", "Plan", "ParamShard", "ModulePlan", "Edit", "AttributeChange", "PlanError", "CaptureError",
     "Group", "OfflineGroup", "init_parallelism", "reset_parallelism", "get_rank", "get_world_size",
     "mp_copy", "mp_reduce", "mp_scatter", "mp_gather", "mp_all_gather_seq", "mp_reduce_scatter_seq",
     "ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding", "VocabParallelEmbedding",

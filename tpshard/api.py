@@ -7,26 +7,30 @@ from typing import Any
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.capture import Captured, capture
+from tpshard.compiler import Captured, apply_inplace, capture, make_plan, plan_inplace, rewrite
+from tpshard.models.meta import on_meta, to_meta
 from tpshard.plan import Plan, PlanError
-from tpshard.planner import make_plan
-from tpshard.rewrite import rewrite
 
 __all__ = ["plan", "parallelize"]
 
 
-def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None) -> Plan:
-    return make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False) -> Plan:
+    p = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+    return plan_inplace(c.model, c, p) if inplace else p
 
 
 def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
-         overrides: dict[str, str] | None = None) -> Plan:
+         overrides: dict[str, str] | None = None, inplace: bool = False) -> Plan:
     """Plan how to split ``model`` over ``world_size`` ranks. Pure analysis: no process group,
     no weights copied, the model untouched (a model on the meta device stays there).
 
     ``overrides`` maps module paths (fnmatch patterns) to styles: "column", "row", "vocab",
     "embed_dim", "replicate", or "column_no_gather" (an output head left split for
     :func:`tpshard.vocab_parallel_cross_entropy`). An override that cannot hold is an error.
+
+    ``inplace=True`` plans for ``parallelize(..., inplace=True)``: a plan the eager model cannot
+    express is refused with the node that needs the graph, and the module attributes to divide
+    (head counts, widths) are found and recorded in ``Plan.attribute_changes``.
 
     Example::
 
@@ -39,12 +43,10 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
     if any(p.is_meta for p in model.parameters()) and any(not b.is_meta for b in model.buffers()):
         # Built under empty_weights(): meta parameters beside real buffers. Planning needs
         # shapes only, so capture with everything on the meta device.
-        from tpshard.checkpoint import _to_meta, on_meta
-
         with on_meta(model):
-            return _plan_captured(capture(model, _to_meta(example_inputs), _to_meta(example_kwargs or {})),
-                                  world_size, overrides)
-    return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides)
+            return _plan_captured(capture(model, to_meta(example_inputs), to_meta(example_kwargs or {})),
+                                  world_size, overrides, inplace)
+    return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides, inplace)
 
 
 def parallelize(model: nn.Module, world_size: int | None = None, *, example_inputs: tuple = (),
@@ -62,7 +64,9 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     ``inplace=True`` applies the plan to ``model`` itself instead of building a graph: parallel
     layers are swapped in at their paths and the attributes holding head counts are divided,
     so every method keeps working (e.g. Hugging Face ``generate()``); a plan that needs the
-    graph is refused with the node that needs it (see :mod:`tpshard.inplace`).
+    graph is refused with the node that needs it (see :mod:`tpshard.compiler.inplace`). The
+    attributes are the plan's (``plan(..., inplace=True)``); a plan made for the graph gets
+    them found first.
 
     Example (world size 1 needs no job)::
 
@@ -95,7 +99,7 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
     if inplace:
-        from tpshard.inplace import apply_inplace
-
+        if plan.attribute_changes is None:  # made for the graph: find them (plan time, before applying)
+            plan = plan_inplace(model, c, plan)
         return apply_inplace(model, c, plan, g)
     return rewrite(c, plan, g)

@@ -4,7 +4,7 @@
     tpshard shard MODEL --world-size N --out DIR        a sharded checkpoint: one file per rank
     tpshard merge DIR --out FILE.safetensors            the full weights again, bit-exact
     tpshard reshard DIR --world-size M --out DIR2       N ranks -> M ranks, tensor by tensor
-    tpshard verify ...                                  (when tpshard.verify_cli is installed)
+    tpshard verify ...                                  (when tpshard.verify.cli is installed)
 
 MODEL is a built-in reference model name (see ``tpshard.models.REFERENCE_MODELS``) or
 ``package.module:callable`` returning a model, ``(model, example_args)`` or
@@ -39,13 +39,15 @@ from typing import Any, Sequence
 
 import torch
 
+from tpshard import checkpoint
 from tpshard.checkpoint import format_bytes
+from tpshard.models.resolve import ModelSpecError, resolve_model
 
 __all__ = ["main", "build_parser", "load_model", "ModelSpecError"]
 
-
-class ModelSpecError(ValueError):
-    """MODEL cannot be resolved; the message names it and says what MODEL may be."""
+#: MODEL -> (model, args, kwargs): :func:`tpshard.models.resolve_model`, the resolver the
+#: verifier and the checkpoint functions share (the name this module has always offered).
+load_model = resolve_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,57 +55,9 @@ class ModelSpecError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _import_factory(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # like `python -m`, let MODEL name a module of this directory
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ModelSpecError(f"cannot load MODEL {spec!r}: {type(e).__name__}: {e}") from e
-    if not callable(obj):
-        raise ModelSpecError(f"MODEL {spec!r} is a {type(obj).__name__}, not a callable returning a model")
-    return obj
-
-
-def load_model(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               empty: bool = False) -> tuple[Any, tuple, dict]:
-    """Resolve MODEL (a built-in name or ``package.module:callable``) to (model, args, kwargs).
-
-    ``empty``: build it under :func:`tpshard.checkpoint.empty_weights` (parameters on the meta
-    device, buffers real), for planning or when the weights come from a file. ``device`` and
-    ``dtype`` apply to built-in models.
-
-    Example::
-
-        >>> model, args, kwargs = load_model("gpt", empty=True)
-        >>> model.wte.weight.is_meta, tuple(args[0].shape)
-        (True, (2, 8))
-    """
-    from tpshard import checkpoint, models
-
-    building = checkpoint.empty_weights() if empty else contextlib.nullcontext()
-    if ":" not in spec:
-        if spec not in models.REFERENCE_MODELS:
-            raise ModelSpecError(f"unknown MODEL {spec!r}; built-in models: {sorted(models.REFERENCE_MODELS)}, "
-                                 "or pass package.module:callable")
-        with building:
-            model, args = models.build(spec, device="cpu" if empty else device, dtype=dtype)
-        return model, args, {}
-    factory = _import_factory(spec)
-    with building:
-        made = factory()
-    try:
-        return checkpoint.unpack_model(made, f"MODEL {spec!r}")
-    except checkpoint.CheckpointError as e:
-        raise ModelSpecError(str(e)) from None
-
-
 def _load_for(ns: argparse.Namespace) -> tuple[Any, tuple, dict]:
     """MODEL of a subcommand: built without weights when --weights supplies them."""
-    return load_model(ns.model, empty=ns.weights is not None)
+    return resolve_model(ns.model, empty=ns.weights is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +130,7 @@ def memory_report(plan: Any, dtypes: dict[str, torch.dtype]) -> str:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    from tpshard import checkpoint
-
-    model, args, kwargs = load_model(ns.model, empty=True)  # planning needs no weights
+    model, args, kwargs = resolve_model(ns.model, empty=True)  # planning needs no weights
     source = checkpoint.open_weights(ns.weights, trust_pickle=ns.trust_pickle) if ns.weights else None
     with source if source is not None else contextlib.nullcontext():
         plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs)
@@ -197,8 +149,6 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def _cmd_shard(ns: argparse.Namespace) -> int:
-    from tpshard import checkpoint
-
     model, args, kwargs = _load_for(ns)
     manifest = checkpoint.save_sharded(
         model, ns.out, ns.world_size, weights=ns.weights, trust_pickle=ns.trust_pickle, example_inputs=args,
@@ -210,22 +160,18 @@ def _cmd_shard(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
-    from tpshard import checkpoint
-
     path = checkpoint.merge(ns.dir, ns.out, force=ns.force)
     print(f"wrote {path}: {format_bytes(path.stat().st_size)}")
     return 0
 
 
 def _cmd_reshard(ns: argparse.Namespace) -> int:
-    from tpshard import checkpoint
-
     src = checkpoint.read_manifest(ns.dir)
     spec = ns.model or src.model
     if spec is None:
         raise ModelSpecError(f"{ns.dir}/{checkpoint.MANIFEST_NAME} does not say which model it holds (it was not "
                              "written by `tpshard shard MODEL`); pass --model MODEL to plan the new world size")
-    model, args, kwargs = load_model(spec, empty=True)
+    model, args, kwargs = resolve_model(spec, empty=True)
     manifest = checkpoint.reshard(ns.dir, ns.out, ns.world_size, model=model, example_inputs=args or None,
                                   example_kwargs=kwargs or None, force=ns.force)
     print(f"wrote {manifest.directory}: {src.world_size} -> {manifest.world_size} ranks")
@@ -300,11 +246,11 @@ def _add_reshard(sub: Any) -> None:
 
 
 def _add_verify(sub: Any) -> None:
-    """`tpshard verify`, whose handler lives in tpshard.verify_cli (when it exists)."""
+    """`tpshard verify`, whose handler lives in tpshard.verify.cli (when it exists)."""
     try:
-        verify_cli = importlib.import_module("tpshard.verify_cli")
+        verify_cli = importlib.import_module("tpshard.verify.cli")
     except ImportError as e:
-        if e.name != "tpshard.verify_cli":  # it exists but is broken: say so, keep the other commands
+        if e.name != "tpshard.verify.cli":  # it exists but is broken: say so, keep the other commands
             warnings.warn(f"`tpshard verify` is unavailable: {type(e).__name__}: {e}", stacklevel=2)
         return
     verify_cli.add_parser(sub)

@@ -7,7 +7,9 @@ A Plan holds
 - ``params``: per parameter (and buffer), the split dim and layout, or replicated;
 - ``edits``: the graph changes the rewriter makes, each naming the node it acts on —
   collectives on edges (copy, reduce, gather, scatter) and shape literals divided by the
-  world size.
+  world size;
+- ``attribute_changes``: for in-place mode only, the module attributes (head counts, widths)
+  divided on every rank, found at plan time (None: not searched, the plan is for the graph).
 
 It prints as a table (:meth:`Plan.explain`) and round-trips through JSON exactly.
 
@@ -27,7 +29,7 @@ from typing import Any
 
 from tpshard import layout
 
-__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "PlanError", "FORMAT_VERSION"]
+__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "AttributeChange", "PlanError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -116,6 +118,18 @@ class Edit:
     reduced: bool = False
 
 
+@dataclass(frozen=True)
+class AttributeChange:
+    """In-place mode: the integer attribute ``attribute`` of the module at ``module`` ("" for
+    the root) holds ``old`` in the model and ``new`` on every rank — a head count or a width
+    the model's own code reads (HF GPT-2's ``split_size``, ``Conv1D.nf``)."""
+
+    module: str
+    attribute: str
+    old: int
+    new: int
+
+
 @dataclass
 class Plan:
     """How a model is split over ``world_size`` ranks (see module docstring)."""
@@ -124,6 +138,7 @@ class Plan:
     modules: dict[str, ModulePlan] = field(default_factory=dict)
     params: dict[str, ParamShard] = field(default_factory=dict)
     edits: list[Edit] = field(default_factory=list)
+    attribute_changes: list[AttributeChange] | None = None  # in-place mode only; None: not searched
     capture: str = "fx"
     ties: dict[str, str] = field(default_factory=dict)  # alias parameter name -> the name it is tied to
     notes: list[str] = field(default_factory=list)
@@ -151,7 +166,9 @@ class Plan:
         params = {k: ParamShard(shape=tuple(p["shape"]), dim=p["dim"], segments=tup(p["segments"]))
                   for k, p in d["params"].items()}
         edits = [Edit(**{**e, "segments": tup(e.get("segments"))}) for e in d["edits"]]
+        changes = d.get("attribute_changes")  # absent from plans written before in-place plans had it
         return cls(world_size=d["world_size"], modules=modules, params=params, edits=edits,
+                   attribute_changes=None if changes is None else [AttributeChange(**c) for c in changes],
                    capture=d.get("capture", "fx"), ties=dict(d.get("ties", {})),
                    notes=list(d.get("notes", [])), grads=dict(d.get("grads", {})),
                    overrides=dict(d.get("overrides", {})))
@@ -210,7 +227,21 @@ class Plan:
         if self.overrides:
             lines.append("overrides: " + ", ".join(f"{k}={v}" for k, v in self.overrides.items()))
         lines.extend(self.notes)
+        lines.extend(self._attribute_lines())
         return "\n".join(lines)
+
+    def _attribute_lines(self) -> list[str]:
+        """In-place mode's attribute changes, one line per (attribute, old, new)."""
+        if not self.attribute_changes:
+            return [] if self.attribute_changes is None else ["in place: no attribute changes"]
+        by_value: dict[tuple[str, int, int], list[str]] = {}
+        for c in self.attribute_changes:
+            by_value.setdefault((c.attribute, c.old, c.new), []).append(c.module or "<root>")
+        lines = []
+        for (attr, old, new), paths in by_value.items():
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            lines.append(f"in place: {attr} {old} -> {new} on {shown}")
+        return lines
 
     def __str__(self) -> str:
         return self.explain()

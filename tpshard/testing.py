@@ -38,8 +38,8 @@ def assert_equivalent(model: nn.Module | str, world_size: int, **kwargs: Any) ->
     (``example_inputs``, ``dtype``, ``device``, ``plan``, ``rtol``, ``timeout``, ...).
     Returns the report (for further assertions, e.g. on ``report.collectives``).
 
-    A rank that raises, hangs or dies raises :class:`tpshard.launch.RankError` /
-    :class:`tpshard.launch.RankTimeout` with its traceback.
+    A rank that raises, hangs or dies raises :class:`tpshard.verify.launch.RankError` /
+    :class:`tpshard.verify.launch.RankTimeout` with its traceback.
     """
     __tracebackhide__ = True  # pytest: show the caller's line, not this one
     report = verify(model, world_size, **kwargs)

@@ -1,4 +1,4 @@
-"""Reference models for tpshard tests, benchmarks and the CLI.
+"""Reference models for tpshard tests, benchmarks and the CLI; models without weights; MODEL.
 
 These are plain single-device PyTorch models, written the way people usually
 write them (no tensor parallelism inside).  Every model here can be traced
@@ -17,10 +17,14 @@ Public names:
   :func:`llama_example_inputs`
 * :func:`randomize_`
 * :data:`REFERENCE_MODELS`, :func:`build`
+* :func:`empty_weights`, :func:`on_meta`, :func:`to_meta` (models without weights)
+* :func:`resolve_model`, :func:`unpack_model`, :class:`ModelSpecError` (MODEL: a built-in name,
+  ``package.module:callable``, a factory or a module)
 
 They live in :mod:`tpshard.models.mlp_model`, :mod:`tpshard.models.gpt`,
-:mod:`tpshard.models.llama` and :mod:`tpshard.models.registry` (:func:`randomize_`,
-the registry); import them from ``tpshard.models``.
+:mod:`tpshard.models.llama`, :mod:`tpshard.models.registry` (:func:`randomize_`,
+the registry), :mod:`tpshard.models.meta` and :mod:`tpshard.models.resolve`; import them from
+``tpshard.models``.
 
 Example:
 
@@ -48,8 +52,10 @@ from tpshard.models.llama import (
     rotary_tables,
     rotate_half,
 )
+from tpshard.models.meta import empty_weights, on_meta, to_meta
 from tpshard.models.mlp_model import ACTIVATIONS, mlp, mlp_example_inputs
 from tpshard.models.registry import REFERENCE_MODELS, build, randomize_
+from tpshard.models.resolve import ModelSpecError, resolve_model, unpack_model
 
 __all__ = [
     "ACTIVATIONS",
@@ -74,6 +80,12 @@ __all__ = [
     "randomize_",
     "REFERENCE_MODELS",
     "build",
+    "empty_weights",
+    "on_meta",
+    "to_meta",
+    "ModelSpecError",
+    "resolve_model",
+    "unpack_model",
 ]
 
 

@@ -1,12 +1,12 @@
 """Sharding propagation: the placement of every value, one op at a time.
 
-Placements (R, S(d), P, and split sizes) are defined in :mod:`tpshard.placement`.
+Placements (R, S(d), P, and split sizes) are defined in :mod:`tpshard.compiler.placement`.
 :func:`transfer` is the rule table: from an op's input placements it gives the output
 placement and what each input must be (an input that is P where R is needed gets an
 all-reduce; R where S is needed gets a local slice, free when it needs no gradient; S where
 R is needed is a failure except at the graph's output, where it is gathered). This module
 holds the rules of ops that compute (linear, embedding, pointwise, matmul, attention, softmax,
-reductions, norms); :mod:`tpshard.rules_shape` those that move data (reshapes, transposes,
+reductions, norms); :mod:`tpshard.compiler.rules_shape` those that move data (reshapes, transposes,
 splits, concatenation).
 
 Rules never mutate the graph; decisions they need (a linear reached by a split value becomes
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpshard.ir import Op, shape_of
-from tpshard.placement import (REPLICATED, SAME, Decider, Fail, Layouts, Partial, Split, SplitSize,  # noqa: F401
+from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.placement import (REPLICATED, SAME, Decider, Fail, Layouts, Partial, Split, SplitSize,  # noqa: F401
                                check_segments, need_replicated, opaque, replicated_output)
-from tpshard.rules_shape import SHAPE_RULES, view_groups  # noqa: F401
+from tpshard.compiler.rules_shape import SHAPE_RULES, view_groups  # noqa: F401
 
 __all__ = ["REPLICATED", "SAME", "Split", "Partial", "SplitSize", "Layouts", "Fail", "Decider", "transfer",
            "partial_grad_inputs", "partial_grad_params", "view_groups", "check_segments"]

@@ -1,49 +1,13 @@
-"""Sharded checkpoints: shard a saved model once, offline and streaming; each rank later reads
-only its own file.
+"""Shard, merge and reshard: a checkpoint written or rewritten tensor by tensor, streaming.
 
-A checkpoint is a directory::
-
-    manifest.json                       format version, tpshard/torch versions, the Plan, world
-                                        size, every tensor (full shape, dtype, split), the ties,
-                                        and per rank file its sha256, size, shapes and dtypes
-    rank-00000-of-00004.safetensors     rank 0's part of every tensor of the state_dict
-    rank-00001-of-00004.safetensors     ...
-
-Each rank file holds, for every tensor of the model's ``state_dict``, this rank's shard when
-the Plan splits it (:func:`tpshard.layout.shard`, the very function the parallel layers use)
-or the whole tensor when it is replicated. A tied parameter is stored once, under the name it
-is tied to (``Plan.ties``); the manifest records the alias.
-
-Streaming: tensors go one at a time, and each in chunks of rows (32 MiB): rows along dim 0
-are contiguous in memory and on disk, and a split keeps every row whole, so each chunk is read
-(memory-mapped just for that chunk: a map of the whole file would keep every page it touched
-resident), split and appended to the rank files, whose safetensors headers were written up
-front from shapes and dtypes. Files are written and hashed on worker threads meanwhile.
-Memory stays about one chunk per rank whatever the size of the model or of its largest
-tensor; reshard and merge stream the same way. The model is only looked at on the meta device.
-
-Safety: output goes to a temporary sibling directory that is renamed at the end, so an
-interrupted run never leaves a directory that looks complete; an existing output is replaced
-only with ``force`` (and only when it is a tpshard checkpoint or empty). Readers check the
-manifest's sha256 of every file they read, in the same pass that reads the tensors.
-
-The parts: :mod:`tpshard.safetensors_io` (the file format, streamed), :mod:`tpshard.manifest`,
-:mod:`tpshard.weights` (weight sources), :mod:`tpshard.meta` (models without weights),
-:mod:`tpshard.fsutil` (atomic output, progress) and :mod:`tpshard.load_rank`; this module
-holds the four operations and re-exports the public names of the parts.
-
-Example::
-
-    >>> import tempfile, torch
-    >>> from tpshard import checkpoint, models
-    >>> model, _ = models.build("gpt", dtype=torch.float64)
-    >>> ckpt = tempfile.mkdtemp() + "/gpt-tp2"
-    >>> manifest = checkpoint.save_sharded(model, ckpt, 2, progress=False)
-    >>> sorted(manifest.ties.items())
-    [('lm_head.weight', 'wte.weight')]
-    >>> rank1 = checkpoint.load_sharded(lambda: models.build("gpt", dtype=torch.float64), ckpt, rank=1)
-    >>> rank1.get_parameter("h.0.attn.c_attn.weight").shape
-    torch.Size([48, 32])
+Tensors go one at a time, and each in chunks of rows (32 MiB): rows along dim 0 are contiguous
+in memory and on disk, and a split keeps every row whole, so each chunk is read (memory-mapped
+just for that chunk: a map of the whole file would keep every page it touched resident), split
+and appended to the rank files, whose safetensors headers were written up front from shapes and
+dtypes. Files are written and hashed on worker threads meanwhile. Memory stays about one chunk
+per rank whatever the size of the model or of its largest tensor. The model is only looked at
+on the meta device. Output goes to a temporary sibling directory renamed at the end
+(:mod:`tpshard.checkpoint.fsutil`).
 """
 
 from __future__ import annotations
@@ -54,64 +18,30 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from tpshard import layout
-from tpshard.fsutil import _atomic_dir, _atomic_file, _check_replaceable, _Progress, format_bytes
-from tpshard.load_rank import _check_model, _fill, _load_group, _real_buffers
-from tpshard.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
+from tpshard.checkpoint.fsutil import _atomic_dir, _atomic_file, _check_replaceable, _Progress
+from tpshard.checkpoint.load import _check_model
+from tpshard.checkpoint.manifest import (
     Manifest,
     RankFile,
     TensorInfo,
-    _RankReader,
     _rank_readers,
     _versions,
     _write_manifest,
     rank_file_name,
     read_manifest,
 )
-from tpshard.meta import (
-    ModelLike,
-    _factory_spec,
-    _record_inputs,
-    _resolve_model,
-    _to_meta,
-    empty_weights,
-    on_meta,
-    plan_model,
-    unpack_model,
-)
+from tpshard.checkpoint.model import _factory_spec, _record_inputs, _resolve_model, plan_model
+from tpshard.checkpoint.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
+from tpshard.checkpoint.weights import WeightSource, _CheckpointSource, _weights_for
+from tpshard.models.resolve import ModelLike
 from tpshard.plan import ParamShard, Plan
-from tpshard.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
-from tpshard.weights import WeightSource, _CheckpointSource, _weights_for, open_weights
 
-__all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "CheckpointError",
-    "Manifest",
-    "TensorInfo",
-    "RankFile",
-    "WeightSource",
-    "SafetensorsWriter",
-    "empty_weights",
-    "format_bytes",
-    "on_meta",
-    "unpack_model",
-    "open_weights",
-    "plan_model",
-    "rank_file_name",
-    "read_manifest",
-    "save_sharded",
-    "load_sharded",
-    "merge",
-    "reshard",
-]
+__all__ = ["save_sharded", "merge", "reshard"]
 
 
 # =============================================================================================
@@ -314,61 +244,6 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
             bar.close()
     manifest.directory = Path(directory).absolute()
     return manifest
-
-
-# =============================================================================================
-# Load one rank.
-# =============================================================================================
-
-
-def load_sharded(model: ModelLike, directory: str | os.PathLike, *, rank: int | None = None, group: Any = None,
-                 device: str | torch.device | None = None, example_inputs: tuple | None = None,
-                 example_kwargs: dict | None = None) -> nn.Module:
-    """This rank's sharded module (what :func:`tpshard.parallelize` returns), reading only this
-    rank's file of the checkpoint in ``directory`` (and ``manifest.json``).
-
-    ``model``: the architecture, built on the meta device — best under :func:`empty_weights`, so
-    non-persistent buffers (rotary tables, causal masks) stay real — or a zero-argument factory
-    (run under :func:`empty_weights`) returning a model, ``(model, args)`` or ``(model, args,
-    kwargs)``. ``model`` is not modified. The rank comes from ``group`` (default: the
-    tensor-parallel group, as in :func:`tpshard.parallelize`); without a running job, ``rank``
-    builds that rank's module offline (it cannot run collectives). ``device``: where the
-    tensors go (default CPU). Weights take the model's dtypes, as with ``load_state_dict``.
-    The file's sha256 is checked in the same pass that reads it.
-
-    Raises :class:`CheckpointError` naming the file and the fix when the world size differs
-    from the manifest's, the rank file is missing, its checksum, shapes or dtypes do not
-    match the manifest, or the manifest is from a newer format version.
-
-    Example (one rank of a 2-rank checkpoint, offline)::
-
-        >>> import tempfile, torch
-        >>> from tpshard import models
-        >>> ckpt = tempfile.mkdtemp() + "/llama"
-        >>> _ = save_sharded(models.build("llama")[0], ckpt, 2, progress=False)
-        >>> rank0 = load_sharded(lambda: models.build("llama"), ckpt, rank=0)
-        >>> rank0.get_parameter("layers.0.mlp.down_proj.weight").shape, rank0.cos.is_meta
-        (torch.Size([32, 32]), False)
-    """
-    from tpshard.capture import capture
-    from tpshard.rewrite import rewrite
-
-    manifest = read_manifest(directory)
-    g = _load_group(manifest, rank, group)
-    module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs, manifest.example_inputs)
-    _check_model(module, manifest)
-    buffers = _real_buffers(module)
-    with on_meta(module):
-        sharded = rewrite(capture(module, _to_meta(args), _to_meta(kwargs)), manifest.plan, g)
-    path = manifest.rank_path(g.rank)
-    with _RankReader(manifest, g.rank) as reader:
-        by_offset = sorted(reader.entries.values(), key=lambda e: e.begin)
-        stored = {e.name: reader.read(e.name) for e in by_offset}
-        reader.verify()
-    _fill(sharded, stored, buffers, manifest, g, device, path)
-    if device is not None:
-        sharded.to(device)
-    return sharded
 
 
 # =============================================================================================

@@ -6,10 +6,15 @@ vocabulary embeddings reduce their output) and divides the module attributes tha
 counts or widths. No graph is kept, so ``generate()`` with its KV cache, ``save_pretrained`` and
 other methods run the sharded model as they ran the original.
 
+This module is the mode's plan time, :func:`plan_inplace` (``tpshard.plan(..., inplace=True)``):
+it checks that the eager model can express the Plan and records the attributes to divide in
+``Plan.attribute_changes`` (printed by ``explain()``, in the JSON and the checkpoint manifest).
+:mod:`tpshard.compiler.inplace_apply` applies such a Plan and decides nothing.
+
 Which attributes change is found by the analysis, not by a list of names:
 
-1. a *shadow* of the model (a copy on the meta device whose planned layers hold parameters of
-   the local shapes) is captured the same way the model was;
+1. a *shadow* of the model (a copy whose planned layers hold parameters of the local shapes) is
+   captured the same way the model was;
 2. every shape literal the Plan rewrites must come out at its local size in the shadow's graph,
    and every other literal unchanged. A literal computed from a tensor's shape (``-1``,
    ``x.shape``) already does; one that still has its global value comes from an attribute;
@@ -30,6 +35,7 @@ mode adds before one all-reduce (token + position embeddings) are reduced one by
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Any
 
@@ -37,27 +43,19 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from tpshard import comm, layers
-from tpshard.capture import Captured, capture
-from tpshard.ir import Op
-from tpshard.plan import Plan, PlanError
+from tpshard.compiler.capture import Captured, capture
+from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.ir import plan_key as _key
+from tpshard.compiler.styles import SPLIT_STYLES
+from tpshard.plan import AttributeChange, Plan, PlanError
 
-__all__ = ["apply_inplace"]
-
-_SPLIT_STYLES = ("column", "row", "vocab", "embed_dim", "column_no_gather")
-
-
-def _key(op: Op) -> str:
-    from tpshard.planner import _key as key
-
-    return key(op)
+__all__ = ["plan_inplace", "find_attribute_changes"]
 
 
 def _layer_ops(captured: Captured, plan: Plan) -> list[Op]:
     return [op for op in captured.ops if op.kind in ("linear", "embedding")
-            and plan.modules.get(_key(op)) is not None and plan.modules[_key(op)].style in _SPLIT_STYLES]
+            and plan.modules.get(_key(op)) is not None and plan.modules[_key(op)].style in SPLIT_STYLES]
 
 
 def _check_expressible(model: nn.Module, captured: Captured, plan: Plan) -> dict[str, Op]:
@@ -126,7 +124,7 @@ def _param_or_none(model: nn.Module, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attribute search on a meta-device shadow.
+# Attribute search on a shadow.
 
 
 def _shadow(model: nn.Module, layer_ops: list[Op], plan: Plan) -> nn.Module:
@@ -202,8 +200,6 @@ def _mismatches(captured: Captured, shadow: Captured, plan: Plan) -> list[tuple[
 
 
 def _shapes(node: fx.Node) -> list:
-    from tpshard.ir import shape_of
-
     s = shape_of(node)
     return s if isinstance(s, list) else [s]
 
@@ -222,16 +218,20 @@ def _candidates(model: nn.Module, module_path: str, value: int) -> list[tuple[ty
     return out
 
 
-def _divide(model: nn.Module, cls: type, attr: str, value: int, n: int) -> list[tuple[str, str, int]]:
+def _divide(model: nn.Module, cls: type, attr: str, value: int, n: int) -> list[AttributeChange]:
     changed = []
     for path, m in model.named_modules():
         if type(m) is cls and getattr(m, attr, None) == value:
             setattr(m, attr, value // n)
-            changed.append((path, attr, value // n))
+            changed.append(AttributeChange(path, attr, value, value // n))
     return changed
 
 
-def _find_attribute_changes(model: nn.Module, captured: Captured, plan: Plan, layer_ops: list[Op]) -> list[tuple[str, str, int]]:
+def find_attribute_changes(model: nn.Module, captured: Captured, plan: Plan, layer_ops: list[Op]
+                           ) -> list[AttributeChange]:
+    """The attributes of ``model`` to divide so that its own code computes the local shapes
+    ``plan`` asks for (see module docstring); ``layer_ops`` are the planned layers' uses.
+    Raises :class:`PlanError` naming the node when no attribute can be shown to hold a literal."""
     shadow = _shadow(model, layer_ops, plan)
     args, kwargs = captured.example_inputs, captured.example_kwargs
     method = "export" if captured.kind == "export" else "fx"
@@ -280,7 +280,7 @@ def _find_attribute_changes(model: nn.Module, captured: Captured, plan: Plan, la
         return not any(v == -1 for _, v in new[1]) and len(new[1]) < len(old[1])
 
     state = probe()
-    changes: list[tuple[str, str, int]] = []
+    changes: list[AttributeChange] = []
     tried: set[tuple[type, str, int]] = set()
     while not (state[0] == 2 and not state[1]):
         if state[0] == 2 and any(v == -1 for _, v in state[1]):
@@ -300,8 +300,8 @@ def _find_attribute_changes(model: nn.Module, captured: Captured, plan: Plan, la
                     changes.extend(trial)
                     state, progress = new, True
                     break
-                for path, a, _ in trial:  # undo
-                    setattr(shadow.get_submodule(path) if path else shadow, a, value)
+                for c in trial:  # undo
+                    setattr(shadow.get_submodule(c.module) if c.module else shadow, c.attribute, c.old)
             if progress:
                 break
         if not progress:
@@ -312,86 +312,10 @@ def _find_attribute_changes(model: nn.Module, captured: Captured, plan: Plan, la
     return changes
 
 
-# ---------------------------------------------------------------------------------------------
-# Applying the plan to the model.
-
-
-def _linear_like(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return x @ weight if transposed else F.linear(x, weight)
-
-
-def _swap_class(module: nn.Module, style: str, transposed: bool, group: comm.Group, gather: bool,
-                segments: Any) -> None:
-    """A linear-like module that is not nn.Linear (e.g. HF's Conv1D) keeps its class's code,
-    wrapped with the collectives, in a subclass made for it (names and state_dict unchanged)."""
-    cls = type(module)
-    original = cls.forward
-    if style.startswith("column"):
-        def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            y = original(self, comm.mp_copy(x, group), *args, **kwargs)
-            return comm.mp_gather(y, -1, group, segments) if gather else y
-    else:
-        def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            y = comm.mp_reduce(_linear_like(x, self.weight, transposed), group)  # bias added once, after
-            return y if self.bias is None else y + self.bias
-    module.__class__ = type(f"TP{style.title().replace('_', '')}{cls.__name__}", (cls,), {"forward": forward})
-
-
-def _replacement(module: nn.Module, op: Op, plan: Plan, group: comm.Group, gathered: set[str]) -> nn.Module:
-    mp = plan.modules[_key(op)]
-    style = mp.style
-    gather = op.name in gathered
-    if isinstance(module, nn.Linear):
-        if style.startswith("column"):
-            return layers.ColumnParallelLinear.from_module(module, segments=mp.segments, group=group,
-                                                           gather_output=gather)
-        return layers.RowParallelLinear.from_module(module, segments=mp.segments, group=group, input_is_parallel=True)
-    if isinstance(module, nn.Embedding):
-        if style == "vocab":
-            return layers.VocabParallelEmbedding.from_module(module, group=group)
-        return layers.ParallelEmbedding.from_module(module, group=group)
-    if op.kind == "embedding":
-        raise PlanError(f"in-place mode: {_key(op)!r} ({type(module).__name__}) is not an nn.Embedding")
-    for name in (op.attrs["weight"], op.attrs.get("bias")):
-        if name:
-            attr = name.rpartition(".")[2]
-            old = getattr(module, attr)
-            setattr(module, attr, nn.Parameter(plan.params[name].shard(old.detach(), group.rank, group.size).clone(),
-                                               requires_grad=old.requires_grad))
-    _swap_class(module, style, op.attrs.get("transposed", False), group, gather, mp.segments)
-    return module
-
-
-def apply_inplace(model: nn.Module, captured: Captured, plan: Plan, group: Any = None) -> nn.Module:
-    """Apply ``plan`` to ``model`` itself (see module docstring); returns ``model``."""
-    g = comm.resolve_group(group)
-    if plan.world_size != g.size:
-        raise PlanError(f"the plan is for world size {plan.world_size}, but the group has {g.size} ranks")
-    by_name = _check_expressible(model, captured, plan)
-    layer_ops = list(by_name.values())
-    changes = _find_attribute_changes(model, captured, plan, layer_ops) if g.size > 1 else []
-    gathered = {e.node for e in plan.edits if e.kind == "gather"}
-    holders = [(name.rpartition(".")[0], name.rpartition(".")[2], p)
-               for name, p in model.named_parameters(remove_duplicate=False)]
-    new_params: dict[int, nn.Parameter] = {}
-    for op in layer_ops:
-        path = _key(op)
-        old = model.get_submodule(path)
-        originals = {n: p for n, p in old.named_parameters(recurse=False)}
-        new = _replacement(old, op, plan, g, gathered)
-        for n, p in originals.items():  # ties: one original tensor stays one Parameter
-            if id(p) in new_params:
-                setattr(new, n, new_params[id(p)])
-            else:
-                new_params[id(p)] = getattr(new, n)
-        if new is not old:
-            parent, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
-    for owner, attr, p in holders:  # other holders of a replaced tensor (e.g. BERT's decoder bias tie)
-        if id(p) in new_params:
-            setattr(model.get_submodule(owner) if owner else model, attr, new_params[id(p)])
-    for path, attr, value in changes:
-        setattr(model.get_submodule(path) if path else model, attr, value)
-    model.tpshard_plan = plan
-    model.tpshard_attribute_changes = changes
-    return model
+def plan_inplace(model: nn.Module, captured: Captured, plan: Plan) -> Plan:
+    """``plan`` for in-place mode (plan time): refused with the node that needs the graph when
+    the eager model cannot express it, else a copy with ``attribute_changes`` recorded (none
+    at world size 1)."""
+    layer_ops = list(_check_expressible(model, captured, plan).values())
+    changes = find_attribute_changes(model, captured, plan, layer_ops) if plan.world_size > 1 else []
+    return dataclasses.replace(plan, attribute_changes=changes)

@@ -2,7 +2,7 @@
 indexing, expand, split/chunk, tuple items, concatenation, and sizes.
 
 Each rule maps an op's input placements to (output placement, what each input must be);
-see :mod:`tpshard.placement`. A reshape that factors a split dim chooses which factor carries
+see :mod:`tpshard.compiler.placement`. A reshape that factors a split dim chooses which factor carries
 the split (the heads, not the 3 of a fused q/k/v) through the Decider, which can backtrack.
 """
 
@@ -12,8 +12,8 @@ import math
 from typing import Any, Sequence
 
 from tpshard import layout
-from tpshard.ir import Op, shape_of
-from tpshard.placement import (REPLICATED, SAME, Decider, Fail, Partial, Split, SplitSize, check_segments,
+from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.placement import (REPLICATED, SAME, Decider, Fail, Partial, Split, SplitSize, check_segments,
                                need_replicated, opaque)
 
 __all__ = ["view_groups", "SHAPE_RULES"]

@@ -1,17 +1,14 @@
-"""The model under verification: built-in names and factories, active dropout, and how each
-rank gets its copy (inherited when forked; pickled, or rebuilt from its factory and filled with
-the parent's values, when spawned).
+"""The model under verification: active dropout, and how each rank gets its copy (inherited
+when forked; pickled, or rebuilt from its factory and filled with the parent's values, when
+spawned). MODEL names and factories are resolved by :func:`tpshard.models.resolve_model`.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
 import pickle
-import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -19,54 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tpshard.verify_compare import parse_dtype
+from tpshard.models.resolve import resolve_model
+from tpshard.plan import Plan
 
-__all__ = ["resolve_model", "active_dropout"]
+__all__ = ["active_dropout"]
 
 # ---------------------------------------------------------------------------------------------
-# Models: objects, factories, built-in names; dropout.
-
-
-def resolve_model(spec: str, *, dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, tuple, dict]:
-    """A built-in reference model name (``mlp``, ``gpt``, ``llama``) or ``package.module:callable``
-    -> ``(model, example_args, example_kwargs)``. The callable returns a model, ``(model, args)``
-    or ``(model, args, kwargs)``. Raises ValueError saying what is wrong.
-
-    Example::
-
-        >>> model, args, kwargs = resolve_model("mlp")
-        >>> type(model).__name__, args[0].shape
-        ('Sequential', torch.Size([4, 16]))
-    """
-    from tpshard import models
-
-    dtype = parse_dtype(dtype)
-    if ":" not in spec:
-        if spec not in models.REFERENCE_MODELS:
-            raise ValueError(f"unknown model {spec!r}: use a built-in reference model "
-                             f"{sorted(models.REFERENCE_MODELS)} or package.module:callable")
-        model, args = models.build(spec, dtype=dtype)
-        return model, tuple(args), {}
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # as `python -m` (and `tpshard plan`): modules of this directory
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load the model factory {spec!r}: {e}; pass an importable "
-                         "package.module:callable") from e
-    made = factory()
-    if isinstance(made, nn.Module):
-        return made, (), {}
-    if isinstance(made, tuple) and made and isinstance(made[0], nn.Module) and len(made) <= 3:
-        args = made[1] if len(made) > 1 else ()
-        args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-        return made[0], args, dict(made[2]) if len(made) > 2 else {}
-    raise ValueError(f"{spec!r} returned {type(made).__name__}; expected a model, (model, example_args) "
-                     "or (model, example_args, example_kwargs)")
-
+# Dropout.
 
 _DROPOUT_FUNCTIONS: dict[Any, tuple[str, str]] = {
     f: ("p", "training") for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
@@ -179,3 +135,25 @@ def _check_importable_in_child(cls: type) -> None:
         raise pickle.PicklingError(f"class {cls.__qualname__} lives in an interactive __main__") from e
     if lines and lines[0][:1].isspace():
         raise pickle.PicklingError(f"class {cls.__qualname__} is defined inside a block of the main script")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the ranks get.
+
+
+@dataclass
+class _Job:
+    source: _Source
+    dtype: torch.dtype
+    device: str
+    plan: Plan
+    args: tuple
+    kwargs: dict
+    fresh_args: tuple
+    fresh_kwargs: dict
+    output_shapes: dict[str, tuple[int, ...]]
+    backward: bool
+    optimizer_step: bool
+    localize: bool
+    seed: int = 0
+    tamper: Callable[[int, int, nn.Module], None] | None = None

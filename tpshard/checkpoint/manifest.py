@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from tpshard._version import __version__
 from tpshard.plan import ParamShard, Plan
-from tpshard.safetensors_io import _DTYPES, CheckpointError, _SafetensorsFile
+from tpshard.checkpoint.safetensors_io import _DTYPES, CheckpointError, _SafetensorsFile
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "TensorInfo", "RankFile", "rank_file_name",
            "read_manifest"]
@@ -124,9 +125,7 @@ class Manifest:
 
 
 def _versions() -> tuple[str, str]:
-    import tpshard  # imported here: tpshard/__init__ may import this module
-
-    return getattr(tpshard, "__version__", "unknown"), torch.__version__
+    return __version__, torch.__version__
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:

@@ -30,10 +30,11 @@ Dropout active in training mode cannot match (the ranks and the original draw di
 so :func:`verify` puts such a model in eval mode and says so in ``report.notes``; with
 ``keep_dropout=True`` it keeps training mode and names dropout as the reason of any mismatch.
 
-This module runs the phases and holds the report; the pieces live in
-:mod:`tpshard.verify_compare` (tolerances, comparisons), :mod:`tpshard.verify_model` (model
-specs, dropout, getting the model to the ranks), :mod:`tpshard.verify_ranks` (the training step
-and the body of each rank) and :mod:`tpshard.verify_localize` (first-divergence localization).
+This module runs the phases; the pieces live in :mod:`tpshard.verify.compare` (tolerances,
+comparisons), :mod:`tpshard.verify.model` (dropout, the job and getting the model to the
+ranks), :mod:`tpshard.verify.ranks` (the training step and the body of each rank),
+:mod:`tpshard.verify.localize` (first-divergence localization), :mod:`tpshard.verify.report`
+(the report) and :mod:`tpshard.verify.launch` (real ranks).
 
 Example::
 
@@ -47,155 +48,23 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from tpshard.compiler import capture, make_plan
+from tpshard.models.resolve import resolve_model
 from tpshard.plan import Plan, PlanError
-# The pieces, one job each; the names tpshard.verify has always offered are re-exported here.
-from tpshard.verify_compare import (  # noqa: F401  (re-exported)
-    DEFAULT_TOLERANCES,
-    Comparison,
-    _comparisons,
-    compare,
-    default_tolerance,
-    flatten,
-    map_tensors,
-    parse_dtype,
-)
-from tpshard.verify_localize import _fallback_divergence, _localize, _module_comparison, _Recorder  # noqa: F401
-from tpshard.verify_model import _named_tensors, _Source, _source_for, active_dropout, resolve_model  # noqa: F401
-from tpshard.verify_ranks import _convert, _fresh, _Job, _output_shapes, _rank_main, _run_step  # noqa: F401
+from tpshard.verify.compare import _comparisons, default_tolerance, parse_dtype
+from tpshard.verify.launch import run_ranks
+from tpshard.verify.localize import _fallback_divergence, _localize, _Recorder
+from tpshard.verify.model import _Job, _named_tensors, _Source, _source_for, active_dropout
+from tpshard.verify.ranks import _convert, _fresh, _output_shapes, _rank_main, _run_step
+from tpshard.verify.report import VerifyReport
 
-__all__ = [
-    "verify",
-    "VerifyReport",
-    "Comparison",
-    "DEFAULT_TOLERANCES",
-    "default_tolerance",
-    "resolve_model",
-    "active_dropout",
-    "flatten",
-    "compare",
-]
-
-# ---------------------------------------------------------------------------------------------
-# The report.
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify` found. ``ok`` only when every comparison passed.
-
-    ``print(report)`` shows a table: each compared tensor, its max abs / rel error, the
-    tolerance and pass/FAIL; then the collectives, the notes and, on a mismatch, the per-module
-    comparison that names ``first_divergence``.
-    """
-
-    model: str
-    world_size: int
-    device: str
-    dtype: str
-    backend: str
-    comparisons: list[Comparison] = field(default_factory=list)
-    modules: list[Comparison] = field(default_factory=list)  # per-module outputs (on a mismatch)
-    first_divergence: str | None = None
-    divergence: str = ""
-    collectives: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    plan: Plan | None = None
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.comparisons) and all(c.passed for c in self.comparisons)
-
-    @property
-    def failures(self) -> list[Comparison]:
-        return [c for c in self.comparisons if not c.passed]
-
-    def max_rel(self, kind: str | None = None) -> float:
-        """The largest relative error over the comparisons (of one ``kind``: output, input grad,
-        grad, step, second forward)."""
-        rels = [c.max_rel for c in self.comparisons if kind is None or c.kind == kind]
-        return max(rels, default=0.0)
-
-    def collective_counts(self, phase: str = "forward") -> dict[str, int]:
-        """``{"all_reduce": 5, ...}`` for ``phase`` "forward" or "backward"."""
-        return {k: v["count"] for k, v in self.collectives.get(phase, {}).items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (no plan, no per-tensor rows beyond the failures)."""
-        kinds = sorted({c.kind for c in self.comparisons})
-        return {
-            "model": self.model, "world_size": self.world_size, "device": self.device, "dtype": self.dtype,
-            "backend": self.backend, "ok": self.ok, "checks": len(self.comparisons),
-            "failed": [c.name for c in self.failures],
-            "max_rel": {k: _finite(self.max_rel(k)) for k in kinds},
-            "tolerance": ({"rtol": self.comparisons[0].rtol, "atol": self.comparisons[0].atol}
-                          if self.comparisons else {}),
-            "first_divergence": self.first_divergence, "collectives": self.collectives,
-            "notes": self.notes, "seconds": round(self.seconds, 2),
-        }
-
-    def table(self) -> str:
-        """The report as text (what ``print(report)`` shows)."""
-        verdict = "EQUIVALENT" if self.ok else "NOT EQUIVALENT"
-        passed = sum(c.passed for c in self.comparisons)
-        lines = [f"tpshard verify {self.model}: world size {self.world_size}, {self.device}, {self.dtype}, "
-                 f"{self.backend} -> {verdict} ({passed} of {len(self.comparisons)} checks pass, "
-                 f"{self.seconds:.1f} s)"]
-        lines += _rows(self.comparisons)
-        lines.append("collectives per rank: " + _format_collectives(self.collectives))
-        lines += [f"note: {n}" for n in self.notes]
-        if not self.ok:
-            if self.modules:
-                lines.append("per-module forward outputs, in execution order:")
-                first = next((i for i, c in enumerate(self.modules) if not c.passed), len(self.modules))
-                shown = self.modules[:first + 4]  # up to the first divergence, and a few after
-                lines += ["  " + r for r in _rows(shown, "module")]
-                if len(self.modules) > len(shown):
-                    lines.append(f"  ... {len(self.modules) - len(shown)} more modules")
-            where = self.first_divergence or "no single module"
-            lines.append(f"first divergence: {where}" + (f" ({self.divergence})" if self.divergence else ""))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def _finite(x: float) -> float | str:
-    return x if math.isfinite(x) else "inf"
-
-
-def _rows(comps: Sequence[Comparison], header: str = "check") -> list[str]:
-    rows = [(header, "max abs", "max rel", "tolerance", "pass", "")]
-    for c in comps:
-        tol = f"rtol {c.rtol:.0e} atol {c.atol:.0e}"
-        rows.append((c.name, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", tol, "ok" if c.passed else "FAIL", c.note))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return ["  ".join(v.ljust(w) for v, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "") for r in rows]
-
-
-def _format_collectives(coll: dict[str, dict[str, dict[str, int]]]) -> str:
-    parts = []
-    for phase in ("forward", "backward"):
-        kinds = coll.get(phase, {})
-        body = ", ".join(f"{k} x{v['count']} ({_bytes(v['bytes'])})" for k, v in sorted(kinds.items())) or "none"
-        parts.append(f"{phase}: {body}")
-    return "; ".join(parts)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+__all__ = ["verify"]
 
 # ---------------------------------------------------------------------------------------------
 # verify.
@@ -227,8 +96,8 @@ def verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = (),
     Returns:
         a :class:`VerifyReport`; ``report.ok`` only when every comparison passes.
     Raises:
-        tpshard.launch.RankError (a rank raised; its traceback is in the message),
-        tpshard.launch.RankTimeout (a rank hung or died), ValueError / PlanError / CaptureError
+        tpshard.verify.launch.RankError (a rank raised; its traceback is in the message),
+        tpshard.verify.launch.RankTimeout (a rank hung or died), ValueError / PlanError / CaptureError
         (the model, inputs or plan cannot be used as given; the message says why).
 
     Example::
@@ -276,10 +145,6 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
     """:func:`verify`, plus the knobs tests need: ``_tamper(rank, world_size, sharded)`` runs
     in each rank right after parallelize (a module-level function when ranks are spawned), to
     inject a fault; ``start_method`` picks fork/spawn; ``localize`` records module outputs."""
-    from tpshard.capture import capture
-    from tpshard.launch import run_ranks
-    from tpshard.planner import make_plan
-
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)
     if world_size < 1:

@@ -13,19 +13,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from tpshard import layout
+from tpshard import layers, layout
 from tpshard.plan import Plan
-from tpshard.verify_compare import Comparison, _to_cpu, _worst, compare, flatten
-
-if TYPE_CHECKING:
-    from tpshard.verify import VerifyReport
+from tpshard.verify.compare import Comparison, _to_cpu, _worst, compare, flatten
+from tpshard.verify.report import VerifyReport
 
 # ---------------------------------------------------------------------------------------------
 # Recording module outputs: forward hooks, or probes in an exported graph.
@@ -169,8 +167,6 @@ def _attr(obj: Any, target: str) -> Any:
 
 
 def _sharded_tag(module: nn.Module) -> tuple:
-    from tpshard import layers
-
     if isinstance(module, layers.ColumnParallelLinear) and not module.gather_output:
         return ("slice", -1, tuple(module.segments) if module.segments else None)
     if isinstance(module, layers.RowParallelLinear) and not module.reduce_output:

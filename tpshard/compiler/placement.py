@@ -8,7 +8,7 @@
 - :class:`SplitSize`: a Python int that is the size of a split dim (only shape arguments,
   which the rewriter replaces, may consume it).
 
-A rule (see :mod:`tpshard.analysis`) maps an op's input placements to its output placement
+A rule (see :mod:`tpshard.compiler.analysis`) maps an op's input placements to its output placement
 and what each input must be: ``SAME``, ``REPLICATED`` or a ``Split``.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from tpshard import layout
-from tpshard.ir import Op
+from tpshard.compiler.ir import Op
 
 __all__ = ["REPLICATED", "SAME", "Split", "Partial", "SplitSize", "Layouts", "Fail", "Decider", "check_segments",
            "replicated_output", "need_replicated", "opaque"]

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from tpshard.compiler.captured import Captured
+from tpshard.compiler.ir_aten import describe_aten
+
 __all__ = ["capture_export"]
 
 
@@ -33,11 +36,8 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
     return shapes
 
 
-def capture_export(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Any:
-    """Export ``model`` on the example inputs and describe the graph (see tpshard.ir_aten)."""
-    from tpshard.capture import Captured
-    from tpshard.ir_aten import describe_aten
-
+def capture_export(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Captured:
+    """Export ``model`` on the example inputs and describe the graph (see tpshard.compiler.ir_aten)."""
     note = ""
     try:
         ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs), strict=False,

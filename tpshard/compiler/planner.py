@@ -4,7 +4,7 @@ Phases, in order:
 
 1. Seeds, in graph order. An embedding tries "vocab" (its lookup becomes a partial sum); a
    linear whose input is replicated tries "column" (its output becomes S(-1)).
-2. A trial propagates the seed's placement forward with :func:`tpshard.analysis.transfer`
+2. A trial propagates the seed's placement forward with :func:`tpshard.compiler.analysis.transfer`
    until every split value has reached a row linear (which turns it into a partial sum) or the
    graph output, and every partial sum has been reduced. When an op needs another operand
    split (q meets k in ``q @ k.T``; ``silu(gate) * up``), the trial *pulls*: the undecided
@@ -31,24 +31,17 @@ from typing import Any
 import networkx as nx
 import torch.fx as fx
 
-from tpshard import analysis as A
-from tpshard.ir import Op, shape_of
+from tpshard.compiler import analysis as A
+from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.ir import plan_key as _key
+from tpshard.compiler.planner_replay import replay
+from tpshard.compiler.styles import STYLES
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["make_plan", "STYLES"]
 
-STYLES = {"column", "row", "vocab", "embed_dim", "replicate", "column_no_gather"}
 _MAX_TRIES = 48
 _MISSING = object()
-
-
-def _key(op: Op) -> str:
-    """The plan's name for a linear/embedding use: its module path, or path:node for F.linear."""
-    if "key" in op.attrs:
-        return op.attrs["key"]
-    if op.node.op == "call_module":
-        return op.module
-    return f"{op.module}:{op.node.name}" if op.module else op.node.name
 
 
 class _State:
@@ -389,8 +382,6 @@ class _Planner:
 
     # -- phase 4: replay ---------------------------------------------------------------------
     def replay(self) -> Plan:
-        from tpshard.planner_replay import replay
-
         return replay(self)
 
 

@@ -1,4 +1,4 @@
-"""Describe a ``torch.export`` graph (aten ops) in the planner's vocabulary (see :mod:`tpshard.ir`).
+"""Describe a ``torch.export`` graph (aten ops) in the planner's vocabulary (see :mod:`tpshard.compiler.ir`).
 
 An exported graph has no ``call_module`` layers: parameters are ``get_attr`` nodes and every
 layer is an aten op. Linear-like ops are recognized by a parameter operand:
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpshard.ir import Op, _norm_dim, module_of, shape_of
+from tpshard.compiler.ir import Op, _norm_dim, module_of, shape_of
 
 __all__ = ["describe_aten"]
 

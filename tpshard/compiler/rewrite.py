@@ -12,8 +12,8 @@ from the Plan. It never mutates its input: a new GraphModule is built, with
 Example::
 
     >>> import torch
-    >>> from tpshard.capture import capture
-    >>> from tpshard.planner import make_plan
+    >>> from tpshard.compiler.capture import capture
+    >>> from tpshard.compiler.planner import make_plan
     >>> from tpshard.comm import OfflineGroup
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     >>> c = capture(mlp)
@@ -33,8 +33,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.capture import Captured
-from tpshard.ir import Op
+from tpshard.compiler.capture import Captured
+from tpshard.compiler.ir import Op
+from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
+from tpshard.layers import vocab_parallel_lookup
 from tpshard.plan import Edit, Plan, PlanError
 
 __all__ = ["rewrite", "GROUP_ATTR"]
@@ -43,20 +45,10 @@ GROUP_ATTR = "_tpshard_group"
 
 
 def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
-    from tpshard import layers
-
     mp = plan.modules.get(path)
     style = mp.style if mp is not None else "replicate"
-    if style in ("column", "column_no_gather"):
-        return layers.ColumnParallelLinear.from_module(orig, segments=mp.segments, group=group,
-                                                       copy_input=False, gather_output=False)
-    if style == "row":
-        return layers.RowParallelLinear.from_module(orig, segments=mp.segments, group=group,
-                                                    input_is_parallel=True, reduce_output=False)
-    if style == "vocab":
-        return layers.VocabParallelEmbedding.from_module(orig, group=group, reduce_output=False)
-    if style == "embed_dim":
-        return layers.ParallelEmbedding.from_module(orig, group=group)
+    if style in SPLIT_STYLES:  # the layer without its collectives: they are graph nodes here
+        return parallel_layer(orig, style, mp.segments, group, in_graph=True)
     return copy.deepcopy(orig)
 
 
@@ -143,8 +135,6 @@ def _drop_bias(node: fx.Node) -> None:
 
 def _vocab_lookup(node: fx.Node, vocab: int, g: comm.Group) -> None:
     """A functional embedding becomes this rank's masked partial lookup (see layers)."""
-    from tpshard.layers import vocab_parallel_lookup
-
     if node.target is torch.ops.aten.embedding.default:
         weight, ids = node.args[0], node.args[1]
         pad = node.args[2] if len(node.args) > 2 else -1

@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tpshard.manifest import MANIFEST_NAME
-from tpshard.safetensors_io import CheckpointError
+from tpshard.checkpoint.manifest import MANIFEST_NAME
+from tpshard.checkpoint.safetensors_io import CheckpointError
 
 __all__ = ["format_bytes"]
 

@@ -1,7 +1,7 @@
 """Phase 4 of planning: with every style fixed, replay the rules once and write the Plan.
 
 The replay walks the graph in order, takes each op's output placement from
-:func:`tpshard.analysis.transfer`, and turns every edge whose input placement differs from
+:func:`tpshard.compiler.analysis.transfer`, and turns every edge whose input placement differs from
 what the op needs into an :class:`~tpshard.plan.Edit`. Edits on the same value and of the same
 kind are merged, so consumers of one replicated activation share one copy (one backward
 all-reduce), and consumers of one partial sum share one all-reduce.
@@ -9,16 +9,33 @@ all-reduce), and consumers of one partial sum share one all-reduce.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch.fx as fx
 
-from tpshard import analysis as A
-from tpshard.ir import Op, shape_of
+from tpshard.compiler import analysis as A
+from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.ir import plan_key as _key
 from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
 
-if TYPE_CHECKING:
-    from tpshard.planner import _Planner
+
+class _Planner(Protocol):
+    """What the replay reads of :class:`tpshard.compiler.planner._Planner` (which imports this
+    module, not the other way round): the committed state and the graph's indexes."""
+
+    gm: fx.GraphModule
+    ops: list[Op]
+    world_size: int
+    capture_kind: str
+    index: dict[fx.Node, int]
+    state: Any  # planner._State: place, styles, params, column_vars, layouts
+    reasons: dict[str, str]
+    param_shapes: dict[str, tuple[int, ...]]
+    canon: dict[str, str]
+
+    def override(self, op: Op) -> str | None: ...
+
+    def reachable(self, start: fx.Node, through: Any, reverse: bool = False) -> set[fx.Node]: ...
 
 __all__ = ["replay"]
 
@@ -194,8 +211,6 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
 
 def _region_reason(pl: "_Planner", op: Op, style: str) -> str:
     """Why a column or row use is split: where its split value goes, or where it comes from."""
-    from tpshard.planner import _key
-
     def walk(start: fx.Node, forward: bool) -> list[str]:
         """The linears (and the output) a split value reaches, or the linears a partial comes from:
         forward through split or partial values, backward through anything, never past a
@@ -219,8 +234,6 @@ def _region_reason(pl: "_Planner", op: Op, style: str) -> str:
 
 
 def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> Plan:
-    from tpshard.planner import _key
-
     s = pl.state
     n = pl.world_size
     layouts = s.layouts

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from tpshard import layout
-from tpshard.manifest import Manifest, _RankReader
-from tpshard.safetensors_io import CheckpointError, _SafetensorsFile
+from tpshard.checkpoint.manifest import Manifest, _RankReader
+from tpshard.checkpoint.safetensors_io import CheckpointError, _SafetensorsFile
 
 __all__ = ["WeightSource", "open_weights"]
 

@@ -1,8 +1,10 @@
-"""Loading one rank of a checkpoint: its group, the model checked against the manifest, and
-the meta parameters and buffers of the sharded module filled from the rank file."""
+"""Loading one rank of a checkpoint (:func:`load_sharded`): its group, the model checked
+against the manifest, the sharded module rewritten on the meta device from the manifest's Plan,
+and its meta parameters and buffers filled from the rank file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,14 @@ import torch
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.manifest import MANIFEST_NAME, Manifest
-from tpshard.safetensors_io import CheckpointError
+from tpshard.checkpoint.manifest import MANIFEST_NAME, Manifest, _RankReader, read_manifest
+from tpshard.checkpoint.model import _resolve_model
+from tpshard.checkpoint.safetensors_io import CheckpointError
+from tpshard.compiler import capture, rewrite
+from tpshard.models.meta import on_meta, to_meta
+from tpshard.models.resolve import ModelLike
 
-__all__: list[str] = []
+__all__ = ["load_sharded"]
 
 
 def _job_running() -> bool:
@@ -103,3 +109,54 @@ def _fill(sharded: nn.Module, stored: dict[str, torch.Tensor], buffers: dict[str
                 value = nn.Parameter(value, requires_grad=old.requires_grad)
             for owner, attr, _ in holders:
                 getattr(owner, kind)[attr] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Load one rank.
+
+
+def load_sharded(model: ModelLike, directory: str | os.PathLike, *, rank: int | None = None, group: Any = None,
+                 device: str | torch.device | None = None, example_inputs: tuple | None = None,
+                 example_kwargs: dict | None = None) -> nn.Module:
+    """This rank's sharded module (what :func:`tpshard.parallelize` returns), reading only this
+    rank's file of the checkpoint in ``directory`` (and ``manifest.json``).
+
+    ``model``: the architecture, built on the meta device — best under :func:`empty_weights`, so
+    non-persistent buffers (rotary tables, causal masks) stay real — or a zero-argument factory
+    (run under :func:`empty_weights`) returning a model, ``(model, args)`` or ``(model, args,
+    kwargs)``. ``model`` is not modified. The rank comes from ``group`` (default: the
+    tensor-parallel group, as in :func:`tpshard.parallelize`); without a running job, ``rank``
+    builds that rank's module offline (it cannot run collectives). ``device``: where the
+    tensors go (default CPU). Weights take the model's dtypes, as with ``load_state_dict``.
+    The file's sha256 is checked in the same pass that reads it.
+
+    Raises :class:`CheckpointError` naming the file and the fix when the world size differs
+    from the manifest's, the rank file is missing, its checksum, shapes or dtypes do not
+    match the manifest, or the manifest is from a newer format version.
+
+    Example (one rank of a 2-rank checkpoint, offline)::
+
+        >>> import tempfile, torch
+        >>> from tpshard import checkpoint, models
+        >>> ckpt = tempfile.mkdtemp() + "/llama"
+        >>> _ = checkpoint.save_sharded(models.build("llama")[0], ckpt, 2, progress=False)
+        >>> rank0 = load_sharded(lambda: models.build("llama"), ckpt, rank=0)
+        >>> rank0.get_parameter("layers.0.mlp.down_proj.weight").shape, rank0.cos.is_meta
+        (torch.Size([32, 32]), False)
+    """
+    manifest = read_manifest(directory)
+    g = _load_group(manifest, rank, group)
+    module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs, manifest.example_inputs)
+    _check_model(module, manifest)
+    buffers = _real_buffers(module)
+    with on_meta(module):
+        sharded = rewrite(capture(module, to_meta(args), to_meta(kwargs)), manifest.plan, g)
+    path = manifest.rank_path(g.rank)
+    with _RankReader(manifest, g.rank) as reader:
+        by_offset = sorted(reader.entries.values(), key=lambda e: e.begin)
+        stored = {e.name: reader.read(e.name) for e in by_offset}
+        reader.verify()
+    _fill(sharded, stored, buffers, manifest, g, device, path)
+    if device is not None:
+        sharded.to(device)
+    return sharded

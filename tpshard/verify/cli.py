@@ -30,6 +30,11 @@ import json
 import sys
 from typing import Any
 
+from tpshard.compiler import CaptureError
+from tpshard.plan import PlanError
+from tpshard.verify.harness import verify
+from tpshard.verify.launch import RankError, RankTimeout
+
 __all__ = ["add_parser", "run"]
 
 EXIT_EQUIVALENT, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
@@ -60,11 +65,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(ns: argparse.Namespace) -> int:
     """Handle ``tpshard verify``: print the plan and the report; return the exit status."""
-    from tpshard.capture import CaptureError
-    from tpshard.launch import RankError, RankTimeout
-    from tpshard.plan import PlanError
-    from tpshard.verify import verify
-
     if ns.world_size < 1:
         return _usage(f"--world-size must be at least 1, not {ns.world_size}")
     try:

@@ -13,16 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from tpshard import layout
 from tpshard.plan import Plan
-
-if TYPE_CHECKING:
-    from tpshard.verify_ranks import _Job
+from tpshard.verify.model import _Job
 
 __all__ = ["DEFAULT_TOLERANCES", "parse_dtype", "default_tolerance", "flatten", "map_tensors", "Comparison",
            "compare"]

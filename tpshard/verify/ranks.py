@@ -1,6 +1,6 @@
 """One training step, the same for the ranks and the reference, and the body of each rank.
 
-A :class:`_Job` carries the model's source, the plan and the inputs to the ranks. Each rank
+A :class:`~tpshard.verify.model._Job` carries the model's source, the plan and the inputs to the ranks. Each rank
 (:func:`_rank_main`) builds its sharded module with :func:`tpshard.parallelize`, records its
 module outputs for localization, and runs :func:`_run_step`: a forward whose collectives are
 counted, a weighted-sum backward (each rank weights its slice of a split output), one SGD step
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,10 +20,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from tpshard import layout
-from tpshard.plan import Plan
-from tpshard.verify_compare import _output_layout, _to_cpu, flatten, map_tensors
-from tpshard.verify_localize import _Probes, _Recorder, _sharded_tag
-from tpshard.verify_model import _Source
+from tpshard.api import parallelize
+from tpshard.verify.compare import _output_layout, _to_cpu, flatten, map_tensors
+from tpshard.verify.localize import _Probes, _Recorder, _sharded_tag
+from tpshard.verify.model import _Job
 
 # ---------------------------------------------------------------------------------------------
 # Collective counting: CommDebugMode, plus the bytes each collective moves.
@@ -138,24 +137,6 @@ def _output_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
 # One training step, the same for the ranks and the reference.
 
 
-@dataclass
-class _Job:
-    source: _Source
-    dtype: torch.dtype
-    device: str
-    plan: Plan
-    args: tuple
-    kwargs: dict
-    fresh_args: tuple
-    fresh_kwargs: dict
-    output_shapes: dict[str, tuple[int, ...]]
-    backward: bool
-    optimizer_step: bool
-    localize: bool
-    seed: int = 0
-    tamper: Callable[[int, int, nn.Module], None] | None = None
-
-
 def _run_step(module: nn.Module, job: _Job, device: Any, recorder: _Recorder | None, count: bool,
               split: Callable[[str, Tensor], tuple[int, tuple[int, ...] | None] | None]) -> dict[str, Any]:
     """Forward (counted, recorded), weighted-sum backward, one SGD step, a second forward."""
@@ -243,8 +224,6 @@ def _rank_device(device: str) -> torch.device:
 
 def _rank_main(rank: int, world_size: int, job: _Job) -> dict[str, Any]:
     """Body of one rank: build the sharded module, run the step, return everything on the CPU."""
-    from tpshard.api import parallelize
-
     device = _rank_device(job.device)
     model = job.source.materialize(job.dtype).to(device)
     args, kwargs = _convert(job.args, device=device), _convert(job.kwargs, device=device)

@@ -4,7 +4,7 @@ Phases:
 1. trace with a leaf-aware ``torch.fx`` tracer (torch.nn layers stay ``call_module``); forward
    arguments that are not given become constants (``concrete_args``), as their defaults;
 2. propagate shapes on fake tensors (no real memory, also for a model on the meta device);
-3. describe every node for the planner (:mod:`tpshard.ir`).
+3. describe every node for the planner (:mod:`tpshard.compiler.ir`).
 
 The model is never modified: the traced GraphModule shares its submodules and parameters.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,24 +28,15 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from tpshard.ir import Op, describe_fx
+from tpshard.compiler.capture_export import capture_export
+from tpshard.compiler.captured import Captured
+from tpshard.compiler.ir import describe_fx
 
 __all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
 
 
 class CaptureError(RuntimeError):
     """The model could not be captured; the message names the module, the operation and the fix."""
-
-
-@dataclass
-class Captured:
-    gm: fx.GraphModule
-    ops: list[Op]
-    kind: str
-    model: nn.Module | None = None  # the original (for what tracing does not keep: buffer persistence)
-    example_inputs: tuple = ()
-    example_kwargs: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
 
 
 class _Tracer(fx.Tracer):
@@ -194,8 +184,6 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
 
     ``method``: "auto", "fx" (symbolic tracing only) or "export".
     """
-    from tpshard.capture_export import capture_export
-
     example_kwargs = dict(example_kwargs or {})
     example_inputs = tuple(example_inputs)
     if method not in ("auto", "fx", "export"):

@@ -50,7 +50,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Op", "describe_fx", "shape_of", "owner"]
+__all__ = ["Op", "describe_fx", "shape_of", "owner", "plan_key"]
 
 
 @dataclass
@@ -66,6 +66,15 @@ class Op:
     @property
     def name(self) -> str:
         return self.node.name
+
+
+def plan_key(op: Op) -> str:
+    """The plan's name for a linear/embedding use: its module path, or path:node for F.linear."""
+    if "key" in op.attrs:
+        return op.attrs["key"]
+    if op.node.op == "call_module":
+        return op.module
+    return f"{op.module}:{op.node.name}" if op.module else op.node.name
 
 
 def shape_of(node: Any) -> Any:

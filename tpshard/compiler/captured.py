@@ -1,0 +1,28 @@
+"""What capture returns: the graph with shapes, its description for the planner, and how it
+was captured. Both capture paths (:mod:`tpshard.compiler.capture`, symbolic tracing, and
+:mod:`tpshard.compiler.capture_export`, ``torch.export``) build one; the planner, the rewriter
+and in-place mode read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from tpshard.compiler.ir import Op
+
+__all__ = ["Captured"]
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    ops: list[Op]
+    kind: str  # "fx" or "export"
+    model: nn.Module | None = None  # the original (for what tracing does not keep: buffer persistence)
+    example_inputs: tuple = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
