@@ -12,7 +12,7 @@ import torch
 
 import tpshard
 from tpshard import models
-from tpshard.launch import run_ranks
+from tpshard.verify.launch import run_ranks
 
 STEPS = 3
 RTOL = 1e-10

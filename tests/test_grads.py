@@ -20,9 +20,9 @@ from torch import nn
 from torch.distributed.tensor.debug import CommDebugMode
 
 import tpshard
-from tpshard import analysis as A
-from tpshard.launch import run_ranks
-from tpshard.planner_replay import GRAD_ALL_GATHER, GRAD_ALL_REDUCE, GRAD_LOCAL, GRAD_WHOLE
+from tpshard.compiler import analysis as A
+from tpshard.plan import GRAD_ALL_GATHER, GRAD_ALL_REDUCE, GRAD_LOCAL, GRAD_WHOLE
+from tpshard.verify.launch import run_ranks
 
 RTOL = 1e-10
 DT = torch.float64
@@ -211,7 +211,7 @@ def test_partial_gradients_are_reduced(world: int) -> None:
 
 def test_partial_gradient_rule() -> None:
     """The rule by itself: split output, replicated input taken whole -> partial gradient."""
-    from tpshard.ir import Op
+    from tpshard.compiler.ir import Op
 
     class FakeNode:
         def format_node(self) -> str:

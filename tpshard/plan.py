@@ -29,9 +29,17 @@ from typing import Any
 
 from tpshard import layout
 
-__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "AttributeChange", "PlanError", "FORMAT_VERSION"]
+__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "AttributeChange", "PlanError", "FORMAT_VERSION",
+           "GRAD_LOCAL", "GRAD_WHOLE", "GRAD_ALL_REDUCE", "GRAD_ALL_GATHER"]
 
 FORMAT_VERSION = 1
+
+
+# Where each rank's gradient of a parameter comes from (Plan.grads values).
+GRAD_LOCAL = "split: each rank's gradient is its shard's"
+GRAD_WHOLE = "replicated: computed whole on every rank"
+GRAD_ALL_REDUCE = "partial on each rank: all-reduced in backward"
+GRAD_ALL_GATHER = "sliced on each rank: slices all-gathered in backward"
 
 
 class PlanError(ValueError):

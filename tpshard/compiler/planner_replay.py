@@ -16,7 +16,8 @@ import torch.fx as fx
 from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
-from tpshard.plan import Edit, ModulePlan, ParamShard, Plan, PlanError
+from tpshard.plan import (GRAD_ALL_GATHER, GRAD_ALL_REDUCE, GRAD_LOCAL, GRAD_WHOLE, Edit, ModulePlan, ParamShard, Plan,
+                          PlanError)
 
 
 class _Planner(Protocol):
@@ -328,12 +329,6 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
     modules = dict(sorted(modules.items(), key=row_order))
     return Plan(world_size=n, modules=modules, params=params, edits=edits, capture=pl.capture_kind,
                 ties=ties, notes=notes, grads=grad_of, overrides=dict(pl.overrides))
-
-
-GRAD_LOCAL = "split: each rank's gradient is its shard's"
-GRAD_WHOLE = "replicated: computed whole on every rank"
-GRAD_ALL_REDUCE = "partial on each rank: all-reduced in backward"
-GRAD_ALL_GATHER = "sliced on each rank: slices all-gathered in backward"
 
 
 def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[Edit], by_name: dict[str, Op],
