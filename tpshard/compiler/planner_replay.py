@@ -336,12 +336,13 @@ def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[
     """Where every parameter's gradient comes from, derived from the placements of its uses.
 
     A split parameter's gradient is its shard's. A replicated one read by a get_attr node gets
-    each rank's partial share where :func:`tpshard.analysis.partial_grad_inputs` put a copy on
+    each rank's partial share where :func:`tpshard.compiler.analysis.partial_grad_inputs` put a copy on
     that node (all-reduced in backward), its slices where a scatter takes a slice of it
     (gathered in backward), and is whole otherwise (every use sees replicated values; a
     parameter of a module the plan keeps whole is used on replicated inputs, because a split
-    input would have made it row-parallel or failed its trial). A node with both a copy and
-    a scatter gets both, each on its own edges.
+    input would have made it row-parallel or failed its trial), except a norm module's, which
+    the copy_params edit all-reduces. A parameter both copied and sliced is reported as
+    all-reduced (its slices' gradients are gathered as well, on their own edges).
     """
     copied = {e.node for e in edits if e.kind == "copy"}
     module_copied = {f"{by_name[e.node].module}.{n}" for e in edits if e.kind == "copy_params"
