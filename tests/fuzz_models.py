@@ -483,6 +483,15 @@ def generate(d: Any) -> dict:
     return {"input": dict(g.nodes[0]), "nodes": g.nodes, "outputs": outputs}
 
 
+def mlp_spec(dim: int = 8, hidden: int = 32) -> dict:
+    """A fixed model that every planner splits: x -> Linear -> GELU -> Linear (+ x)."""
+    g = _Gen(RandomDraw(random.Random(0)))
+    x = g.add("input", [], (B, T, dim), kind="float3")
+    h = g.act(g.linear(x, hidden, bias=True, tie=False), "gelu")
+    y = g.binary(x, g.linear(h, dim, bias=True, tie=False), "add")
+    return {"input": dict(g.nodes[0]), "nodes": g.nodes, "outputs": [y]}
+
+
 def random_spec(seed: Any) -> dict:
     return generate(RandomDraw(random.Random(seed)))
 
@@ -756,13 +765,19 @@ def _node_names(model: nn.Module) -> set[str]:
 
 def check_example(spec: dict, rank: int, world: int, seed: int, defect: str | None = None) -> dict:
     """Shard one spec on this rank and compare against the unsharded copy (see module doc)."""
+    torch.manual_seed(seed)
+    return check_model(SpecModel(spec, seed), make_inputs(spec, seed), make_inputs(spec, seed + 1, BATCH2, SEQ2),
+                       rank, world, seed, defect)
+
+
+def check_model(model: nn.Module, x: torch.Tensor, x2: torch.Tensor, rank: int, world: int, seed: int = 0,
+                defect: str | None = None) -> dict:
+    """Shard ``model`` on this rank and compare against its unsharded copy: outputs on ``x``,
+    input and parameter gradients, a step, outputs on ``x2`` (see module doc)."""
     import tpshard
 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"status": "ok", "sharded": False, "failures": []}
-    torch.manual_seed(seed)
-    model = SpecModel(spec, seed)
-    x = make_inputs(spec, seed)
     ref = copy.deepcopy(model)
     try:
         sharded = tpshard.parallelize(model, world, example_inputs=(x,))
@@ -803,7 +818,7 @@ def check_example(spec: dict, rank: int, world: int, seed: int, defect: str | No
                 with torch.no_grad():
                     p = sharded.get_parameter(name)
                     p.view(-1)[0] += 1e-6 * float(p.abs().max())
-        floating = spec["input"]["kind"] != "ids"
+        floating = x.is_floating_point()
         xs = x.clone().requires_grad_(floating)
         xr = x.clone().requires_grad_(floating)
         out, ref_out = _as_tuple(sharded(xs)), _as_tuple(ref(xr))
@@ -841,7 +856,6 @@ def check_example(spec: dict, rank: int, world: int, seed: int, defect: str | No
         for n, p in sharded.named_parameters():
             close(f"step {n}", p, plan.params[n].shard(ref_params[n].detach(), rank, world))
         stage = "second forward"
-        x2 = make_inputs(spec, seed + 1, BATCH2, SEQ2)
         with torch.no_grad():
             for i, (o, r) in enumerate(zip(_as_tuple(sharded(x2)), _as_tuple(ref(x2)))):
                 close(f"second forward {i}", o, r)
@@ -859,11 +873,11 @@ class _Stop(Exception):
     pass
 
 
-def _rank_body(rank: int, world: int, jobs: list[tuple[int, dict, int]], outdir: str, defect: str | None) -> None:
-    """Check each (index, spec, seed); one JSON line per example, flushed (survives a crash)."""
+def _rank_body(rank: int, world: int, jobs: list[tuple[int, dict, int, str | None]], outdir: str) -> None:
+    """Check each (index, spec, seed, defect); one JSON line per example, flushed (survives a crash)."""
     path = os.path.join(outdir, f"rank{rank}.jsonl")
     with open(path, "a") as f:
-        for idx, spec, seed in jobs:
+        for idx, spec, seed, defect in jobs:
             f.write(json.dumps({"start": idx}) + "\n")
             f.flush()
             r = check_example(spec, rank, world, seed, defect)
@@ -907,13 +921,16 @@ def merge_ranks(per_rank: list[dict]) -> dict:
     return out
 
 
-def run_examples(specs: list[dict], world: int, *, seed: int = 0, defect: str | None = None,
+def run_examples(specs: list[dict], world: int, *, seed: int = 0, defect: str | list | None = None,
                  per_example_s: float = 6.0, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Check every spec on ``world`` ranks, in as few launches as possible; one result each.
 
-    Example ``i`` is built with seed ``seed + i``. A launch that dies or hangs marks the example
-    it was on as an error and resumes after it.
+    Example ``i`` is built with seed ``seed + i``. ``defect`` ("param", "grad"; one for all or a
+    list, one per spec) injects a wrong shard or gradient on the last rank, to show the check
+    fails. A launch that dies or hangs marks the example it was on as an error and resumes
+    after it.
     """
+    defects = defect if isinstance(defect, list) else [defect] * len(specs)
     from tpshard.launch import RankError, RankTimeout, run_ranks
 
     outdir = tempfile.mkdtemp(prefix="tpshard-fuzz-")
@@ -921,10 +938,10 @@ def run_examples(specs: list[dict], world: int, *, seed: int = 0, defect: str | 
     try:
         remaining = list(range(len(specs)))
         while remaining:
-            jobs = [(i, specs[i], seed + i) for i in remaining]
+            jobs = [(i, specs[i], seed + i, defects[i]) for i in remaining]
             failure = None
             try:
-                run_ranks(_rank_body, world, jobs, outdir, defect, timeout=20 + per_example_s * len(jobs))
+                run_ranks(_rank_body, world, jobs, outdir, timeout=20 + per_example_s * len(jobs))
             except (RankError, RankTimeout) as e:
                 failure = str(e)[-1500:]
             done, started = _read(outdir, world)
@@ -949,3 +966,106 @@ def run_examples(specs: list[dict], world: int, *, seed: int = 0, defect: str | 
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
     return [results[i] for i in range(len(specs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shrinking a failing spec (for reproducers): smaller specs that keep the failure's signature.
+
+
+def signature(result: dict) -> tuple[bool, bool]:
+    """(outputs wrong, gradients wrong): the class of a mismatch, for shrinking."""
+    what = [f[1] for f in result.get("failures", [])]
+    return (any(w.startswith("output") for w in what),
+            any(w.startswith(("grad", "input grad")) for w in what))
+
+
+def _prune(spec: dict, outputs: list[int]) -> dict:
+    """Keep node 0 and the ancestors of ``outputs``; renumber."""
+    nodes = spec["nodes"]
+    keep, stack = {0}, list(outputs)
+    while stack:
+        i = stack.pop()
+        if i not in keep:
+            keep.add(i)
+            stack.extend(nodes[i]["in"])
+    order = sorted(keep)
+    new = {old: k for k, old in enumerate(order)}
+    out_nodes = []
+    for old in order:
+        n = dict(nodes[old])
+        n["in"] = [new[j] for j in n["in"]]
+        out_nodes.append(n)
+    outs = list(dict.fromkeys(new[i] for i in outputs))
+    return {"input": dict(spec["input"]), "nodes": out_nodes, "outputs": outs}
+
+
+def shrink_candidates(spec: dict) -> list[dict]:
+    """One-step simplifications: drop an output, bypass a node by a same-shaped input, or
+    make a linear bias-free / a norm plain / a parameter a scalar."""
+    nodes, outs = spec["nodes"], spec["outputs"]
+    cands = []
+    if len(outs) > 1:
+        for o in outs:
+            cands.append(_prune(spec, [p for p in outs if p != o]))
+    for i, n in enumerate(nodes):
+        if n["op"] in ("input", "split", "item", "embedding"):
+            continue
+        for j in dict.fromkeys(n["in"]):
+            if nodes[j]["op"] == "split" or (nodes[j]["op"] == "input" and nodes[j]["kind"] == "ids"):
+                continue
+            sink = all(i not in m["in"] for m in nodes)  # only an output: any shape will do
+            if sink or list(nodes[j]["shape"]) == list(n["shape"]):
+                s = copy.deepcopy(spec)
+                for m in s["nodes"]:
+                    m["in"] = [j if k == i else k for k in m["in"]]
+                cands.append(_prune(s, [j if k == i else k for k in outs]))
+    inp = nodes[0]
+    if inp["kind"] != "ids":  # start later: a node shaped like the input replaces it
+        for i, n in enumerate(nodes[1:], 1):
+            if list(n["shape"]) == list(inp["shape"]) and n["op"] not in ("item",):
+                s = copy.deepcopy(spec)
+                for m in s["nodes"]:
+                    m["in"] = [0 if k == i else k for k in m["in"]]
+                if i in outs:
+                    continue
+                cands.append(_prune(s, outs))
+    for i, n in enumerate(nodes):
+        alt = None
+        if n["op"] == "linear" and n["bias"] and all(m.get("mod") != n["mod"] for m in nodes[:i]):
+            alt = {"bias": False}
+        elif n["op"] == "norm" and n["kind"] not in ("layernorm_noaffine", "rmsnorm_noaffine"):
+            alt = {"kind": "rmsnorm_noaffine" if n["kind"].startswith("rms") else "layernorm_noaffine"}
+        elif n["op"] == "param" and n["pshape"]:
+            alt = {"pshape": []}
+        if alt:
+            s = copy.deepcopy(spec)
+            s["nodes"][i].update(alt)
+            if "bias" in alt:
+                for m in s["nodes"]:
+                    if m.get("mod") == n["mod"]:
+                        m["bias"] = False
+            cands.append(s)
+    return cands
+
+
+def _size(spec: dict) -> tuple[int, int]:
+    return (len(spec["nodes"]), sum(1 for n in spec["nodes"] if n.get("bias") or n["op"] in ("norm", "param")))
+
+
+def shrink(spec: dict, world: int, result: dict, *, seed: int = 0, rounds: int = 30,
+           progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """Greedy shrinking on real ranks: each round checks every one-step simplification in one
+    launch and keeps the smallest that fails with the same :func:`signature`."""
+    want = signature(result)
+    for _ in range(rounds):
+        cands = sorted(shrink_candidates(spec), key=_size)
+        if not cands:
+            break
+        res = run_examples(cands, world, seed=seed)
+        hit = next(((c, r) for c, r in zip(cands, res) if r["status"] == "mismatch" and signature(r) == want), None)
+        if hit is None or _size(hit[0]) >= _size(spec):
+            break
+        spec, result = hit
+        if progress:
+            progress(f"shrunk to {len(spec['nodes'])} nodes")
+    return spec, result
