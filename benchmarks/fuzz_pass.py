@@ -9,9 +9,11 @@ Counts are over runs (an example at one world size); ``by_world`` splits them. "
 plan gave at least one linear or embedding a non-replicate style. Every refusal message is
 bucketed in ``refusal_reasons`` (sizes, names and node names replaced by placeholders), and
 ``refusals_naming_no_node`` counts those whose message names no node or module of the model.
-``--shrink K`` greedily shrinks the first K mismatching examples (on real ranks, keeping the
-failure's kind: outputs wrong, or only gradients) and prints each distinct result as a Python
-model definition (on stderr, and in the JSON).
+Mismatches are sorted into the known bug classes by a heuristic (:func:`classify`);
+``--shrink K`` greedily shrinks up to K mismatching examples, the first of each class and
+every unclassified one (on real ranks, keeping the failure's kind: outputs wrong, or only
+gradients), and prints each distinct result as a Python model definition (on stderr, and in
+the JSON).
 """
 
 from __future__ import annotations
@@ -41,6 +43,52 @@ def _bucket(msg: str) -> str:
     return first[:160]
 
 
+# -- a heuristic classification of mismatches by the known bug classes ---------------------------
+
+_PASS = ("act", "scale", "view", "transpose", "permute", "item", "split", "unsqueeze")
+
+
+def _from_linear(spec: dict, i: int, through: tuple = _PASS) -> bool:
+    """Is node i a linear output, possibly through ops that keep its feature split?"""
+    nodes = spec["nodes"]
+    while nodes[i]["op"] in through:
+        i = nodes[i]["in"][0]
+    return nodes[i]["op"] in ("linear", "embedding")
+
+
+def classify(spec: dict, result: dict) -> str:
+    """Which known class a mismatch most likely is (a heuristic over the spec and the failing
+    tensors; ``benchmarks/fuzz_pass.py --shrink`` gives the minimal model):
+
+    - replicated-param-times-split: only gradients of learnable scalars/vectors or norm weights
+      fail (and what the step and second forward inherit from them);
+    - reduction-of-gathered-column: a reduction consumes a linear's output;
+    - reduced-partial-sum-times-split: a matmul contracts a linear's features not split into
+      heads of more than one (q @ k^T all-reduced, then multiplied with a split v);
+    - unclassified.
+    """
+    nodes = spec["nodes"]
+    what = [f[1] for f in result["failures"]]
+    mods = {n.get("mod"): n for n in nodes}
+    grads = [w.split()[-1] for w in what if w.startswith("grad ")]
+    def is_param_grad(name: str) -> bool:
+        mod = mods.get(name.split(".")[0], {})
+        return mod.get("op") in ("param", "norm")
+    if grads and all(is_param_grad(g) for g in grads) and not any(w == "input grad" for w in what):
+        return "replicated-param-times-split"
+    if any(n["op"] == "reduce" and _from_linear(spec, n["in"][0]) for n in nodes):
+        return "reduction-of-gathered-column"
+    def heads_of(i: int) -> int | None:
+        while nodes[i]["op"] in _PASS:
+            if nodes[i]["op"] == "view" and len(nodes[i]["shape"]) >= 4:
+                return nodes[i]["shape"][2] if nodes[i]["shape"][2] != 3 else nodes[i]["shape"][3]
+            i = nodes[i]["in"][0]
+        return None if nodes[i]["op"] != "linear" else 0
+    if any(n["op"] in ("matmul_t", "sdpa") and heads_of(n["in"][0]) in (0, 1) for n in nodes):
+        return "reduced-partial-sum-times-split"
+    return "unclassified"
+
+
 def _compact(f: list) -> list:
     return [f[0], f[1], *(round(v, 6) if isinstance(v, float) else v for v in f[2:])]
 
@@ -51,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world-sizes", default="2,4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=6.0, help="seconds allowed per example in a launch")
-    ap.add_argument("--shrink", type=int, default=0, help="shrink the first K mismatching examples")
+    ap.add_argument("--shrink", type=int, default=0, help="shrink up to K mismatches: the first of each class, every unclassified one")
     ap.add_argument("--max-mismatch-examples", type=int, default=5)
     args = ap.parse_args(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
@@ -65,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     examples_of_reason: dict[str, str] = {}
     mismatch_examples: list[dict] = []
     error_examples: list[dict] = []
+    classes: collections.Counter = collections.Counter()
     first_mismatches: list[tuple] = []  # (world, example, result), one per example
     naming_none = 0
     for w in worlds:
@@ -81,11 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
                 examples_of_reason.setdefault(b, r["reason"][:300])
                 naming_none += not r.get("names_node", False)
             elif r["status"] == "mismatch":
-                if all(j != i for _, j, _ in first_mismatches):
+                cls = classify(specs[i], r)
+                classes[cls] += 1
+                r["class"] = cls
+                if all(j != i for _, j, _ in first_mismatches) and (
+                        cls == "unclassified" or all(m[2]["class"] != cls for m in first_mismatches)):
                     first_mismatches.append((w, i, r))
                 if len(mismatch_examples) < args.max_mismatch_examples:
                     mismatch_examples.append({
-                        "example": i, "world": w, "nodes": len(specs[i]["nodes"]),
+                        "example": i, "world": w, "class": cls, "nodes": len(specs[i]["nodes"]),
                         "ops": [n["op"] for n in specs[i]["nodes"]],
                         "failures": [_compact(f) for f in r["failures"][:4]]})
             elif r["status"] == "error" and len(error_examples) < args.max_mismatch_examples:
@@ -98,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     reproducers = []
     seen_code: set[str] = set()
+    first_mismatches.sort(key=lambda m: m[2]["class"] != "unclassified")
     for (w, i, r) in first_mismatches[: args.shrink]:
         sig = fm.signature(r)
         log(f"shrinking example {i} (world {w}, outputs wrong={sig[0]}, grads wrong={sig[1]})")
@@ -122,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         "refused": totals["refused"],
         "mismatched": totals["mismatch"],
         "errors": totals["error"],
+        "mismatch_classes": dict(classes.most_common()),
         "by_world": by_world,
         "refusal_reasons": dict(reasons.most_common()),
         "refusal_reason_examples": examples_of_reason,
