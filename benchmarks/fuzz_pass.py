@@ -56,36 +56,56 @@ def _from_linear(spec: dict, i: int, through: tuple = _PASS) -> bool:
     return nodes[i]["op"] in ("linear", "embedding")
 
 
-def classify(spec: dict, result: dict) -> str:
-    """Which known class a mismatch most likely is (a heuristic over the spec and the failing
-    tensors; ``benchmarks/fuzz_pass.py --shrink`` gives the minimal model):
+def classify(spec: dict, result: dict, world: int) -> str:
+    """Which known class a mismatch most likely is: a heuristic over the spec and the failing
+    tensors (``--shrink`` gives minimal models; every class below was confirmed that way).
 
+    - row-output-plus-itself: outputs wrong, and a linear's output is added to itself (``y + y``
+      of a row-parallel output: the partial sums add up, the bias deferred past the add is
+      added once instead of twice);
     - replicated-param-times-split: only gradients of learnable scalars/vectors or norm weights
-      fail (and what the step and second forward inherit from them);
+      fail (a replicated parameter multiplying a split value gets a partial gradient);
     - reduction-of-gathered-column: a reduction consumes a linear's output;
-    - reduced-partial-sum-times-split: a matmul contracts a linear's features not split into
-      heads of more than one (q @ k^T all-reduced, then multiplied with a split v);
+    - replicated-activation-times-split: a q @ k^T whose operands are not split by whole heads
+      (one head, a head count the world size does not divide, no heads, or not a linear's
+      output): the planner contracts the split head_dim into an all-reduced value (or keeps a
+      replicated one), which then multiplies a split value and gets a partial gradient;
     - unclassified.
     """
     nodes = spec["nodes"]
     what = [f[1] for f in result["failures"]]
     mods = {n.get("mod"): n for n in nodes}
     grads = [w.split()[-1] for w in what if w.startswith("grad ")]
+
     def is_param_grad(name: str) -> bool:
-        mod = mods.get(name.split(".")[0], {})
-        return mod.get("op") in ("param", "norm")
-    if grads and all(is_param_grad(g) for g in grads) and not any(w == "input grad" for w in what):
+        return mods.get(name.split(".")[0], {}).get("op") in ("param", "norm")
+
+    def source(i: int) -> int:
+        while nodes[i]["op"] in _PASS + ("scale",):
+            i = nodes[i]["in"][0]
+        return i
+
+    if any(w.startswith("output") for w in what) and any(
+            n["op"] == "binary" and n["fn"] in ("add", "sub") and source(n["in"][0]) == source(n["in"][1])
+            and nodes[source(n["in"][0])]["op"] == "linear" for n in nodes):
+        return "row-output-plus-itself"
+    if grads and all(is_param_grad(g) for g in grads) and "input grad" not in what:
         return "replicated-param-times-split"
     if any(n["op"] == "reduce" and _from_linear(spec, n["in"][0]) for n in nodes):
         return "reduction-of-gathered-column"
-    def heads_of(i: int) -> int | None:
+
+    def heads_of(i: int) -> int:
+        """The head count a matmul operand is split into (0: none)."""
         while nodes[i]["op"] in _PASS:
-            if nodes[i]["op"] == "view" and len(nodes[i]["shape"]) >= 4:
-                return nodes[i]["shape"][2] if nodes[i]["shape"][2] != 3 else nodes[i]["shape"][3]
+            shape = nodes[i]["shape"]
+            if nodes[i]["op"] == "view" and len(shape) >= 4:
+                return shape[3] if len(shape) == 5 and shape[2] == 3 else shape[2]
             i = nodes[i]["in"][0]
-        return None if nodes[i]["op"] != "linear" else 0
-    if any(n["op"] in ("matmul_t", "sdpa") and heads_of(n["in"][0]) in (0, 1) for n in nodes):
-        return "reduced-partial-sum-times-split"
+        return 0
+
+    if any(n["op"] in ("matmul_t", "sdpa") and any(heads_of(j) % world or heads_of(j) == 0 for j in n["in"][:2])
+           for n in nodes):
+        return "replicated-activation-times-split"
     return "unclassified"
 
 
@@ -101,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=float, default=6.0, help="seconds allowed per example in a launch")
     ap.add_argument("--shrink", type=int, default=0, help="shrink up to K mismatches: the first of each class, every unclassified one")
     ap.add_argument("--max-mismatch-examples", type=int, default=5)
+    ap.add_argument("--results", help="also write every run's result (with its spec) to this JSONL file")
     args = ap.parse_args(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -130,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                 examples_of_reason.setdefault(b, r["reason"][:300])
                 naming_none += not r.get("names_node", False)
             elif r["status"] == "mismatch":
-                cls = classify(specs[i], r)
+                cls = classify(specs[i], r, w)
                 classes[cls] += 1
                 r["class"] = cls
                 if all(j != i for _, j, _ in first_mismatches) and (
@@ -144,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
             elif r["status"] == "error" and len(error_examples) < args.max_mismatch_examples:
                 error_examples.append({"example": i, "world": w, "stage": r.get("stage"),
                                        "reason": (r.get("reason") or "")[-400:]})
+        if args.results:
+            with open(args.results, "a") as f:
+                for i, r in enumerate(res):
+                    f.write(json.dumps({"example": i, "world": w, **r, "spec": specs[i]}, default=str) + "\n")
         c["seconds"] = round(time.perf_counter() - tw, 1)
         by_world[w] = dict(c)
         totals.update({k: v for k, v in c.items() if k != "seconds"})

@@ -95,3 +95,123 @@ def test_generated_models_are_valid_and_varied() -> None:
         ops |= {n["op"] for n in spec["nodes"]}
     assert ops >= {"linear", "embedding", "act", "param", "binary", "norm", "softmax", "reduce", "view",
                    "transpose", "matmul", "matmul_t", "sdpa", "split", "item"}, ops
+
+
+# ---------------------------------------------------------------------------------------------
+# The mismatch classes the fuzzer found, each as the minimal model its shrinker gave (fail
+# today; each must equal the original once the planner is fixed).
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+class ScaleTimesColumn(nn.Module):
+    """A replicated learnable scalar multiplies a split value: its gradient is partial per rank
+    (the same for ``fc2(gelu(fc1(x)) * alpha)`` and per-head norm weights)."""
+
+    fin = 24
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(24, 24, bias=False)
+        self.alpha = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x):
+        return self.fc(x) * self.alpha
+
+
+class ReductionOfGatheredColumn(nn.Module):
+    """A column output also consumed by a reduction: outputs right, fc1 and input gradients wrong."""
+
+    fin = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32, bias=False)
+        self.fc2 = nn.Linear(32, 8, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h) + h.sum(-1, keepdim=True)
+
+
+class OneHeadAttention(nn.Module):
+    """One head (or a head count the world size does not divide): head_dim is split, q @ k^T is
+    an all-reduced partial sum, which then multiplies the split v; its gradient is partial, so
+    the q, k and input gradients are wrong."""
+
+    fin = 12
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(12, 4, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, t, 1, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 1, 4).transpose(1, 2)
+        v = self.v(x).view(b, t, 1, 4).transpose(1, 2)
+        return (q @ k.transpose(-2, -1)) @ v
+
+
+class ReplicatedScoresTimesColumn(nn.Module):
+    """The same class without heads: replicated x @ x^T times a split v; the input gradient
+    through the scores is partial."""
+
+    fin = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        return (x @ x.transpose(-2, -1)) @ self.v(x)
+
+
+class RowOutputPlusItself(nn.Module):
+    """``y + y`` of a row-parallel output: the partial sums add, and the bias deferred past the
+    add is added once instead of twice (outputs wrong)."""
+
+    fin = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64, bias=False)
+        self.fc2 = nn.Linear(64, 16)
+
+    def forward(self, x):
+        y = self.fc2(self.fc1(x))
+        return y + y
+
+
+REPRODUCERS = [ScaleTimesColumn, ReductionOfGatheredColumn, OneHeadAttention, ReplicatedScoresTimesColumn,
+               RowOutputPlusItself]
+
+
+def _reproducers_body(rank: int, world: int) -> list[dict]:
+    out = []
+    for i, cls in enumerate(REPRODUCERS):
+        torch.manual_seed(i)
+        model = cls().double()
+        with torch.no_grad():  # random values, biases included
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, dtype=torch.float64) / max(1, p.shape[-1] if p.dim() else 1) ** 0.5)
+        x = torch.randn(fm.BATCH, fm.SEQ, cls.fin, dtype=torch.float64)
+        x2 = torch.randn(fm.BATCH2, fm.SEQ2, cls.fin, dtype=torch.float64)
+        out.append(fm.check_model(model, x, x2, rank, world, seed=i))
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_found_mismatch_classes(world: int) -> None:
+    from tpshard.launch import run_ranks
+
+    per_rank = run_ranks(_reproducers_body, world, timeout=100)
+    bad = {}
+    for i, cls in enumerate(REPRODUCERS):
+        r = fm.merge_ranks([res[i] for res in per_rank])
+        assert r["status"] != "refused" and r["sharded"], (cls.__name__, r)
+        if r["status"] != "ok":
+            bad[cls.__name__] = r.get("reason") or sorted({f[1] for f in r["failures"]})
+    assert not bad, f"world {world}: " + "; ".join(f"{k}: {v}" for k, v in bad.items())
