@@ -930,7 +930,7 @@ def run_examples(specs: list[dict], world: int, *, seed: int = 0, defect: str | 
     after it.
     """
     defects = defect if isinstance(defect, list) else [defect] * len(specs)
-    from tpshard.launch import RankError, RankTimeout, run_ranks
+    from tpshard.verify.launch import RankError, RankTimeout, run_ranks
 
     outdir = tempfile.mkdtemp(prefix="tpshard-fuzz-")
     results: dict[int, dict] = {}

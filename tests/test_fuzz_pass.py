@@ -205,7 +205,7 @@ def _reproducers_body(rank: int, world: int) -> list[dict]:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [2, 4])
 def test_found_mismatch_classes(world: int) -> None:
-    from tpshard.launch import run_ranks
+    from tpshard.verify.launch import run_ranks
 
     per_rank = run_ranks(_reproducers_body, world, timeout=100)
     bad = {}

@@ -48,13 +48,17 @@ def partial_grad_inputs(op: Op, ins: list[Any], needs: list[Any], out: Any) -> l
     one all-reduce in backward (a copy edit: forward identity), exactly like a column
     linear's input. A partial output passes the gradient back whole (the reduce's mirror
     image is the identity), and its replicated addend joins after the reduce, so only split
-    outputs make partial gradients. Invariant, by induction over the graph in reverse: every
+    outputs make partial gradients (a partial input reduced on the way in counts as
+    replicated). Invariant, by induction over the graph in reverse: every
     replicated value's gradient is whole on every rank once these inputs are reduced.
     """
     if not _has_split(out) or op.kind == "output":
         return []
+    # A partial input that must be whole is reduced on this edge first, then taken whole: the
+    # copy follows the reduce (scores q @ k^T over split head_dim, then times a split v).
     return [i for i, (p, need) in enumerate(zip(ins, needs))
-            if p is REPLICATED and (need == SAME or need is REPLICATED)]
+            if (p is REPLICATED and (need == SAME or need is REPLICATED))
+            or (isinstance(p, Partial) and need is REPLICATED)]
 
 
 def partial_grad_params(op: Op, out: Any) -> bool:
@@ -140,8 +144,12 @@ def _pointwise(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
                 i = 1 - whole[0]
                 term = f"%{op.tensors[whole[0]].name}@{op.name}"
                 return Partial(ins[i].biases | {term}), [SAME if k == i else REPLICATED for k in range(2)]
-        if fn in ("add",) and tensors_are_partial and linear_in == set(range(len(ins))):
-            return Partial(frozenset().union(*(ins[i].biases for i in partials))), [SAME] * len(ins)
+        # Partial sums added share one reduce, and their deferred terms are added once after it;
+        # a term in two addends (y + y) would be added once instead of twice: reduce first.
+        terms = [t for i in partials for t in ins[i].biases]
+        if fn in ("add",) and tensors_are_partial and linear_in == set(range(len(ins))) \
+                and len(terms) == len(set(terms)):
+            return Partial(frozenset(terms)), [SAME] * len(ins)
         if len(ins) == 1 and fn in _PASS_PARTIAL_UNARY and _same_dtype(op.node, op.tensors[0]):
             return ins[0], [SAME]  # (a cast that rounds would round each partial: reduce first)
         if fn in ("mul", "div", "neg") and linear_in == {0} and len(ins) == 1 and not ins[0].biases:
