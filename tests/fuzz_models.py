@@ -644,10 +644,6 @@ def make_inputs(spec: dict, seed: int, batch: int = BATCH, seq: int = SEQ) -> to
     return torch.randn(*shape, generator=g, dtype=DT)
 
 
-def _concrete(shape: Sequence, batch: int, seq: int) -> list[int]:
-    return [{B: batch, T: seq}.get(s, s) for s in shape]
-
-
 # ---------------------------------------------------------------------------------------------
 # Python source of a spec (for reproducers).
 
