@@ -81,9 +81,16 @@ def _grad_nodes(ops: list[Op], param_names: Any) -> set[fx.Node]:
                 out.add(n)
         elif n.op == "call_module" and op.kind in ("linear", "embedding", "norm", "opaque"):
             out.add(n)
-        elif any(a in out for a in n.all_input_nodes):
-            out.add(n)
+        elif any(a in out for a in n.all_input_nodes) and not _integral(n):
+            out.add(n)  # (a boolean mask or integer index computed from a float value carries no gradient)
     return out
+
+
+def _integral(n: fx.Node) -> bool:
+    """Is the node's value known to be a bool or integer tensor?"""
+    meta = n.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None) if meta is not None else getattr(n.meta.get("val"), "dtype", None)
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
 
 
 def replay(pl: "_Planner") -> Plan:
