@@ -41,6 +41,7 @@ import torch
 
 from tpshard import checkpoint
 from tpshard.checkpoint import format_bytes
+from tpshard.models.hf import is_model_dir, is_torch_file
 from tpshard.models.resolve import ModelSpecError, resolve_model
 
 __all__ = ["main", "build_parser", "load_model", "ModelSpecError"]
@@ -55,9 +56,14 @@ load_model = resolve_model
 # ---------------------------------------------------------------------------------------------
 
 
+def _saved(spec: str) -> bool:
+    """MODEL is a saved model (a model directory or a torch file): it carries its weights."""
+    return is_model_dir(spec) or is_torch_file(spec)
+
+
 def _load_for(ns: argparse.Namespace) -> tuple[Any, tuple, dict]:
     """MODEL of a subcommand: built without weights when --weights supplies them."""
-    return resolve_model(ns.model, empty=ns.weights is not None)
+    return resolve_model(ns.model, empty=ns.weights is not None, trust_pickle=ns.trust_pickle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +136,9 @@ def memory_report(plan: Any, dtypes: dict[str, torch.dtype]) -> str:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    model, args, kwargs = resolve_model(ns.model, empty=True)  # planning needs no weights
-    source = checkpoint.open_weights(ns.weights, trust_pickle=ns.trust_pickle) if ns.weights else None
+    model, args, kwargs = resolve_model(ns.model, empty=True, trust_pickle=ns.trust_pickle)  # no weights needed
+    weights = ns.weights or (ns.model if is_model_dir(ns.model) else None)
+    source = checkpoint.open_weights(weights, trust_pickle=ns.trust_pickle) if weights else None
     with source if source is not None else contextlib.nullcontext():
         plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs)
         if ns.json:
@@ -149,7 +156,10 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def _cmd_shard(ns: argparse.Namespace) -> int:
-    model, args, kwargs = _load_for(ns)
+    if _saved(ns.model):  # save_sharded reads the directory's files (or the module) itself
+        model, args, kwargs = ns.model, None, None
+    else:
+        model, args, kwargs = _load_for(ns)
     manifest = checkpoint.save_sharded(
         model, ns.out, ns.world_size, weights=ns.weights, trust_pickle=ns.trust_pickle, example_inputs=args,
         example_kwargs=kwargs, model_spec=ns.model, force=ns.force)
@@ -161,7 +171,8 @@ def _cmd_shard(ns: argparse.Namespace) -> int:
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
     path = checkpoint.merge(ns.dir, ns.out, force=ns.force)
-    print(f"wrote {path}: {format_bytes(path.stat().st_size)}")
+    size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+    print(f"wrote {path}: {format_bytes(size)}")
     return 0
 
 

@@ -27,9 +27,11 @@ def _check_replaceable(target: Path, force: bool, is_dir: bool) -> None:
     if is_dir:
         if not target.is_dir():
             raise CheckpointError(f"{target} exists and is not a directory; remove it or choose another output")
-        if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
-            raise CheckpointError(f"refusing to replace {target}: it is not a tpshard checkpoint (no {MANIFEST_NAME}) "
-                                  "and not empty; remove it yourself or choose another output")
+        ours = (target / MANIFEST_NAME).is_file() or (target / "model.safetensors.index.json").is_file()
+        if any(target.iterdir()) and not ours:
+            raise CheckpointError(f"refusing to replace {target}: it is not a tpshard checkpoint (no {MANIFEST_NAME}), "
+                                  "not a merged model directory and not empty; remove it yourself or choose another "
+                                  "output")
     elif target.is_dir():
         raise CheckpointError(f"{target} is a directory; choose a file name for the output")
 
