@@ -67,8 +67,9 @@ def _model_class(tf: Any, config: Any, directory: Path) -> Any:
 def build_from_dir(directory: str | Path, *, empty: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """The model of a ``save_pretrained`` directory, built from ``config.json`` alone.
 
-    ``empty``: parameters on the meta device (buffers real). ``dtype``: default the config's
-    ``torch_dtype``/``dtype`` when it names one, else float32. The model is in eval mode.
+    ``empty``: parameters on the meta device (buffers real); else the weights are loaded
+    (``from_pretrained``). ``dtype``: default the config's ``dtype`` when it names one, else
+    float32. The model is in eval mode.
     """
     directory = Path(directory)
     tf = _transformers(directory)
@@ -87,7 +88,7 @@ def build_from_dir(directory: str | Path, *, empty: bool = True, dtype: torch.dt
             with empty_weights():
                 model = cls(config)
         else:
-            model = cls(config)
+            model = cls.from_pretrained(str(directory), config=config, dtype=dtype)
     finally:
         torch.set_default_dtype(old)
     return model.eval()
