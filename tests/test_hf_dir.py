@@ -94,6 +94,28 @@ def test_merge_to_directory_loads_bit_exact_with_from_pretrained(name: str, save
     assert all(torch.equal(full[k], v) for k, v in a.items())
 
 
+def test_reshard_builds_the_model_from_the_recorded_config(saved: dict, tmp_path: Path) -> None:
+    import shutil
+
+    moved = tmp_path / "ck"
+    shutil.copytree(saved["ck-llama"], moved)
+    m = checkpoint.read_manifest(moved)
+    # Without --model, the model is built from the config the manifest records (the source
+    # directory may be gone by now).
+    assert cli.main(["reshard", str(moved), "-n", "1", "--out", str(tmp_path / "tp1")]) == 0
+    assert checkpoint.read_manifest(tmp_path / "tp1").source == m.source
+    checkpoint.merge(tmp_path / "tp1", tmp_path / "out", progress=False)
+    a = _state(tf.AutoModelForCausalLM.from_pretrained(saved["llama"]))
+    b = _state(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_verify_a_directory(saved: dict, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["verify", str(saved["llama"]), "-n", "2", "--quiet", "--dtype", "float32"]) == 0
+    assert "EQUIVALENT" in capsys.readouterr().out
+
+
 def test_torch_saved_module_needs_trust_pickle_and_nothing_is_written(saved: dict, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ck"

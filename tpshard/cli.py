@@ -185,6 +185,10 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
 def _cmd_reshard(ns: argparse.Namespace) -> int:
     src = checkpoint.read_manifest(ns.dir)
     spec = ns.model or src.model
+    if not ns.model and (src.source or {}).get("config"):  # from a model directory: built from its config
+        manifest = checkpoint.reshard(ns.dir, ns.out, ns.world_size, force=ns.force)
+        print(f"wrote {manifest.directory}: {src.world_size} -> {manifest.world_size} ranks")
+        return 0
     if spec is None:
         raise ModelSpecError(f"{ns.dir}/{checkpoint.MANIFEST_NAME} does not say which model it holds (it was not "
                              "written by `tpshard shard MODEL`); pass --model MODEL to plan the new world size")

@@ -39,7 +39,7 @@ from tpshard.checkpoint.manifest import (
 from tpshard.checkpoint.model import _factory_spec, _record_inputs, _resolve_model, plan_model
 from tpshard.checkpoint.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
 from tpshard.checkpoint.weights import WeightSource, _CheckpointSource, _weights_for
-from tpshard.models.hf import config_record, is_model_dir, is_torch_file
+from tpshard.models.hf import build_from_record, config_record, is_model_dir, is_torch_file
 from tpshard.models.resolve import ModelLike
 from tpshard.plan import ParamShard, Plan
 
@@ -327,7 +327,8 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
     """Re-split a checkpoint of N ranks into ``world_size`` ranks in ``out_dir``, tensor by tensor.
 
     The new split comes from ``plan``, or from planning ``model`` (a module, meta is enough, or
-    a factory) for ``world_size`` — a plan for another world size may choose other styles, so
+    a factory; default for a checkpoint of a model directory: built from the config its
+    manifest records) for ``world_size`` — a plan for another world size may choose other styles, so
     it is made again rather than rescaled. Streaming: a chunk of rows of one tensor at a time
     is read from the N shards holding it, joined and split M ways; neither the model nor a
     whole tensor is ever in memory. Source checksums are checked; the output appears only if
@@ -347,6 +348,8 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
     src = read_manifest(directory)
     if Path(out_dir).absolute() == Path(directory).absolute():
         raise CheckpointError(f"reshard cannot write into its source {directory}; choose another output directory")
+    if plan is None and model is None and (src.source or {}).get("config"):
+        model = lambda: build_from_record(src.source)  # noqa: E731  (sharded from a model directory)
     if plan is None:
         if model is None:
             raise CheckpointError("reshard needs the model (or a plan) to plan the new world size: pass model=... "

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from tpshard.models.meta import empty_weights
 
-__all__ = ["CONFIG_NAME", "is_model_dir", "build_from_dir", "example_inputs_for", "config_record", "is_torch_file",
+__all__ = ["CONFIG_NAME", "is_model_dir", "build_from_dir", "example_inputs_for", "config_record", "build_from_record",
+           "is_torch_file",
            "load_module"]
 
 CONFIG_NAME = "config.json"
@@ -101,6 +102,16 @@ def example_inputs_for(model: nn.Module) -> tuple[tuple, dict]:
     ids = torch.arange(16).reshape(2, 8) % vocab
     kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
     return (ids,), kwargs
+
+
+def build_from_record(record: dict, *, empty: bool = True) -> nn.Module:
+    """The model of a manifest's ``source`` record (:func:`config_record`): built from the config
+    it holds, when the directory itself is gone."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tpshard-config-") as tmp:
+        (Path(tmp) / CONFIG_NAME).write_text(json.dumps(record["config"]))
+        return build_from_dir(tmp, empty=empty)
 
 
 def config_record(directory: str | Path) -> dict:

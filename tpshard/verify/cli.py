@@ -31,6 +31,7 @@ import sys
 from typing import Any
 
 from tpshard.compiler import CaptureError
+from tpshard.models.hf import example_inputs_for, is_torch_file, load_module
 from tpshard.plan import PlanError
 from tpshard.verify.harness import verify
 from tpshard.verify.launch import RankError, RankTimeout
@@ -73,6 +74,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", "--world-size", type=int, required=True, help="number of ranks")
     add_override_arg(p)
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a torch.save(model) file as MODEL (unpickling runs arbitrary code)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float64", help="float64 (default), float32, bfloat16 or float16")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: per dtype)")
@@ -94,9 +97,15 @@ def run(ns: argparse.Namespace) -> int:
     if ns.world_size < 1:
         return _usage(f"--world-size must be at least 1, not {ns.world_size}")
     try:
-        report = verify(ns.model, ns.world_size, device=ns.device, dtype=ns.dtype, rtol=ns.rtol, atol=ns.atol,
-                        backward=not ns.no_backward, optimizer_step=not ns.no_step, timeout=ns.timeout,
-                        keep_dropout=ns.keep_dropout, overrides=overrides_of(ns))
+        model: Any = ns.model
+        inputs: tuple[tuple, dict | None] = ((), None)
+        if is_torch_file(model):  # a whole saved module: unpickled here, only with --trust-pickle
+            model = load_module(model, trust_pickle=ns.trust_pickle)
+            inputs = example_inputs_for(model) if hasattr(model, "config") else inputs
+        report = verify(model, ns.world_size, example_inputs=inputs[0], example_kwargs=inputs[1], device=ns.device,
+                        dtype=ns.dtype, rtol=ns.rtol, atol=ns.atol, backward=not ns.no_backward,
+                        optimizer_step=not ns.no_step, timeout=ns.timeout, keep_dropout=ns.keep_dropout,
+                        overrides=overrides_of(ns))
     except (RankError, RankTimeout) as e:  # the sharded model failed to run: not equivalent
         print(f"tpshard verify: {e}", file=sys.stderr)
         return EXIT_DIFFERENT
