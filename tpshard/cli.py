@@ -2,11 +2,14 @@
 
     tpshard plan MODEL --world-size N [--json]          how MODEL is split, and memory per rank
     tpshard shard MODEL --world-size N --out DIR        a sharded checkpoint: one file per rank
-    tpshard merge DIR --out FILE.safetensors            the full weights again, bit-exact
+    tpshard merge DIR --out FILE.safetensors | OUT_DIR  the full weights again, bit-exact (a directory:
+                                                        what from_pretrained loads)
     tpshard reshard DIR --world-size M --out DIR2       N ranks -> M ranks, tensor by tensor
     tpshard verify ...                                  (when tpshard.verify.cli is installed)
 
-MODEL is a built-in reference model name (see ``tpshard.models.REFERENCE_MODELS``) or
+MODEL is a Hugging Face ``save_pretrained`` directory (its model built from ``config.json`` on
+the meta device, its safetensors files the weights), a file of ``torch.save(model)`` (with
+``--trust-pickle``), a built-in reference model name (see ``tpshard.models.REFERENCE_MODELS``) or
 ``package.module:callable`` returning a model, ``(model, example_args)`` or
 ``(model, example_args, example_kwargs)`` (the current directory is importable). With
 ``--weights FILE`` (a ``.safetensors`` file, or a torch state_dict file, loaded with
@@ -40,8 +43,11 @@ from typing import Any, Sequence
 import torch
 
 from tpshard import checkpoint
+from tpshard._version import __version__
 from tpshard.checkpoint import format_bytes
+from tpshard.models.hf import is_model_dir, is_torch_file
 from tpshard.models.resolve import ModelSpecError, resolve_model
+from tpshard.verify.cli import MODEL_HELP, add_override_arg, overrides_of
 
 __all__ = ["main", "build_parser", "load_model", "ModelSpecError"]
 
@@ -55,9 +61,14 @@ load_model = resolve_model
 # ---------------------------------------------------------------------------------------------
 
 
+def _saved(spec: str) -> bool:
+    """MODEL is a saved model (a model directory or a torch file): it carries its weights."""
+    return is_model_dir(spec) or is_torch_file(spec)
+
+
 def _load_for(ns: argparse.Namespace) -> tuple[Any, tuple, dict]:
     """MODEL of a subcommand: built without weights when --weights supplies them."""
-    return resolve_model(ns.model, empty=ns.weights is not None)
+    return resolve_model(ns.model, empty=ns.weights is not None, trust_pickle=ns.trust_pickle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,10 +141,12 @@ def memory_report(plan: Any, dtypes: dict[str, torch.dtype]) -> str:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    model, args, kwargs = resolve_model(ns.model, empty=True)  # planning needs no weights
-    source = checkpoint.open_weights(ns.weights, trust_pickle=ns.trust_pickle) if ns.weights else None
+    model, args, kwargs = resolve_model(ns.model, empty=True, trust_pickle=ns.trust_pickle)  # no weights needed
+    weights = ns.weights or (ns.model if is_model_dir(ns.model) else None)
+    source = checkpoint.open_weights(weights, trust_pickle=ns.trust_pickle) if weights else None
     with source if source is not None else contextlib.nullcontext():
-        plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs)
+        plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs,
+                                     overrides=overrides_of(ns))
         if ns.json:
             print(plan.to_json())
             return 0
@@ -149,10 +162,13 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def _cmd_shard(ns: argparse.Namespace) -> int:
-    model, args, kwargs = _load_for(ns)
+    if _saved(ns.model):  # save_sharded reads the directory's files (or the module) itself
+        model, args, kwargs = ns.model, None, None
+    else:
+        model, args, kwargs = _load_for(ns)
     manifest = checkpoint.save_sharded(
         model, ns.out, ns.world_size, weights=ns.weights, trust_pickle=ns.trust_pickle, example_inputs=args,
-        example_kwargs=kwargs, model_spec=ns.model, force=ns.force)
+        example_kwargs=kwargs, overrides=overrides_of(ns), model_spec=ns.model, force=ns.force)
     total = sum(f.bytes for f in manifest.files)
     print(f"wrote {manifest.directory}: {len(manifest.files)} rank files, {format_bytes(total)} in all, "
           f"{len(manifest.tensors)} tensors ({len(manifest.ties)} tied aliases)")
@@ -160,14 +176,19 @@ def _cmd_shard(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
-    path = checkpoint.merge(ns.dir, ns.out, force=ns.force)
-    print(f"wrote {path}: {format_bytes(path.stat().st_size)}")
+    path = checkpoint.merge(ns.dir, ns.out, force=ns.force, max_shard_bytes=ns.max_shard_size)
+    size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+    print(f"wrote {path}: {format_bytes(size)}")
     return 0
 
 
 def _cmd_reshard(ns: argparse.Namespace) -> int:
     src = checkpoint.read_manifest(ns.dir)
     spec = ns.model or src.model
+    if not ns.model and (src.source or {}).get("config"):  # from a model directory: built from its config
+        manifest = checkpoint.reshard(ns.dir, ns.out, ns.world_size, force=ns.force)
+        print(f"wrote {manifest.directory}: {src.world_size} -> {manifest.world_size} ranks")
+        return 0
     if spec is None:
         raise ModelSpecError(f"{ns.dir}/{checkpoint.MANIFEST_NAME} does not say which model it holds (it was not "
                              "written by `tpshard shard MODEL`); pass --model MODEL to plan the new world size")
@@ -200,19 +221,36 @@ def _world_size(text: str) -> int:
     return n
 
 
+WORLD_HELP = "number of tensor-parallel ranks"
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    digits = t.rstrip("KMGIB")
+    try:
+        n = int(float(digits) * units[t[len(digits):]])
+    except (ValueError, KeyError):
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 5GB, 500MB, 1000000)")
+    return n
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="built-in model name (mlp, gpt, llama) or package.module:callable")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--weights", metavar="FILE",
-                   help="weights: a .safetensors file or a torch state_dict file (default: the model's own)")
+                   help="weights: a .safetensors file, a model directory or a torch state_dict file (default: "
+                        "MODEL's own)")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a --weights file holding a pickled nn.Module (unpickling runs arbitrary code)")
+                   help="allow a pickled nn.Module as MODEL or --weights (unpickling runs arbitrary code)")
+    add_override_arg(p)
 
 
 def _add_plan(sub: Any) -> None:
     p = sub.add_parser("plan", help="print how a model is split over N ranks, and memory per rank")
     _add_model_args(p)
-    p.add_argument("-n", "--world-size", type=_world_size, required=True)
+    p.add_argument("-n", "--world-size", type=_world_size, required=True, help=WORLD_HELP)
     p.add_argument("--json", action="store_true", help="print the Plan's JSON")
     p.set_defaults(fn=_cmd_plan)
 
@@ -220,7 +258,7 @@ def _add_plan(sub: Any) -> None:
 def _add_shard(sub: Any) -> None:
     p = sub.add_parser("shard", help="write a sharded checkpoint: one safetensors file per rank")
     _add_model_args(p)
-    p.add_argument("-n", "--world-size", type=_world_size, required=True)
+    p.add_argument("-n", "--world-size", type=_world_size, required=True, help=WORLD_HELP)
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (created)")
     p.add_argument("--force", action="store_true", help="replace DIR if it is an existing tpshard checkpoint")
     p.set_defaults(fn=_cmd_shard)
@@ -229,15 +267,19 @@ def _add_shard(sub: Any) -> None:
 def _add_merge(sub: Any) -> None:
     p = sub.add_parser("merge", help="reassemble the full weights of a sharded checkpoint")
     p.add_argument("dir", metavar="DIR", help="a checkpoint written by `tpshard shard`")
-    p.add_argument("--out", metavar="FILE", required=True, help="output .safetensors file")
-    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--out", metavar="OUT", required=True,
+                   help="FILE.safetensors: one file; any other name: a directory from_pretrained loads (config, "
+                        "safetensors files of at most --max-shard-size, their index)")
+    p.add_argument("--max-shard-size", metavar="BYTES", type=_size, default=None,
+                   help="largest safetensors file of an output directory, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(fn=_cmd_merge)
 
 
 def _add_reshard(sub: Any) -> None:
     p = sub.add_parser("reshard", help="re-split a sharded checkpoint for another world size")
     p.add_argument("dir", metavar="DIR", help="a checkpoint written by `tpshard shard`")
-    p.add_argument("-n", "--world-size", type=_world_size, required=True)
+    p.add_argument("-n", "--world-size", type=_world_size, required=True, help="the new number of ranks")
     p.add_argument("--out", metavar="DIR2", required=True, help="output directory (created)")
     p.add_argument("--model", metavar="MODEL", help="the model to plan for the new world size "
                                                     "(default: the MODEL recorded in the manifest)")
@@ -258,6 +300,7 @@ def _add_verify(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tpshard", description="Automatic tensor parallelism for PyTorch models.")
+    p.add_argument("--version", action="version", version=f"tpshard {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_plan(sub)
     _add_shard(sub)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tpshard import layout
 
-__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "AttributeChange", "PlanError", "FORMAT_VERSION",
+__all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "AttributeChange", "PlanError", "ExportedPlan", "FORMAT_VERSION",
            "GRAD_LOCAL", "GRAD_WHOLE", "GRAD_ALL_REDUCE", "GRAD_ALL_GATHER"]
 
 FORMAT_VERSION = 1
@@ -253,3 +254,132 @@ class Plan:
 
     def __str__(self) -> str:
         return self.explain()
+
+    # -- export to other libraries' plans ---------------------------------------------------
+    def to_dtensor_plan(self, *, strict: bool = True) -> "ExportedPlan":
+        """The ``parallelize_module`` plan (module path -> ``ParallelStyle``) of what DTensor
+        can express: ``ColwiseParallel``, ``RowwiseParallel`` and their layouts.
+
+        What it cannot express — fused projections split per part, transposed (Conv1D)
+        weights, partial gradients of replicated parameters, graph edits and the attributes an
+        eager model must have divided — is listed in ``.unsupported``; with ``strict`` (the
+        default) that is a :class:`PlanError` naming each item.
+
+        Example::
+
+            >>> import torch, tpshard
+            >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+            >>> {k: type(v).__name__ for k, v in tpshard.plan(mlp, 2).to_dtensor_plan().items()}
+            {'0': 'ColwiseParallel', '2': 'RowwiseParallel'}
+        """
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        def style(m: ModulePlan) -> Any:
+            gathered = m.collectives.get("fwd all_gather", 0) > 0
+            if m.style == "vocab":
+                return RowwiseParallel(input_layouts=Replicate())
+            if m.style == "embed_dim":
+                return ColwiseParallel(output_layouts=Replicate())
+            if m.style == "row":
+                return RowwiseParallel()
+            return ColwiseParallel(output_layouts=Replicate()) if gathered else ColwiseParallel()
+
+        styles, unsupported = self._export(style, "DTensor", grads_expressible=False)
+        return ExportedPlan.checked(styles, unsupported, "to_dtensor_plan", strict)
+
+    def to_hf_tp_plan(self, *, prefix: str = "", strict: bool = True) -> "ExportedPlan":
+        """A Hugging Face ``tp_plan`` (module path -> style name: ``colwise``, ``rowwise``,
+        ``colwise_gather_output``, ``embedding_rowwise``, ``packed_colwise``, ...), with layer
+        indices collapsed to ``*`` where every layer agrees. ``prefix`` (e.g. ``"model."``) is
+        stripped from the paths that have it, for a ``base_model_tp_plan``. What it cannot
+        express is in ``.unsupported`` (with ``strict``, a :class:`PlanError`).
+
+        Example::
+
+            >>> import torch, tpshard
+            >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+            >>> dict(tpshard.plan(mlp, 2).to_hf_tp_plan())
+            {'0': 'colwise', '2': 'rowwise'}
+        """
+        def style(m: ModulePlan) -> str:
+            packed = m.segments is not None and len(m.segments) > 1
+            if m.style == "vocab":
+                return "embedding_rowwise"
+            if m.style == "embed_dim":
+                return "embedding_colwise"
+            if m.style == "row":
+                return "packed_rowwise" if packed else "rowwise"
+            if m.collectives.get("fwd all_gather", 0) > 0:
+                return "colwise_gather_output"
+            return "packed_colwise" if packed else "colwise"
+
+        styles, unsupported = self._export(style, "Hugging Face", grads_expressible=True)
+        out: dict[str, str] = {}
+        for path, st in styles.items():  # layers.3.mlp -> layers.*.mlp where every layer agrees
+            path = path[len(prefix):] if prefix and path.startswith(prefix) else path
+            starred = re.sub(r"\.\d+\.", ".*.", path)
+            out[starred] = st if out.get(starred, st) == st else "?"
+        if "?" in out.values():  # layers disagree: keep their own paths
+            out = {(p[len(prefix):] if prefix and p.startswith(prefix) else p): st for p, st in styles.items()}
+        return ExportedPlan.checked(out, unsupported, "to_hf_tp_plan", strict)
+
+    def _export(self, style: Any, target: str, grads_expressible: bool) -> tuple[dict[str, Any], list[str]]:
+        """(path -> style, what ``target`` cannot express) over the split modules and the edits."""
+        styles: dict[str, Any] = {}
+        unsupported: list[str] = []
+        for path, m in self.modules.items():
+            if m.style == "replicate":
+                continue
+            weight = self.params.get(f"{path}.weight")
+            natural = {"column": 0, "column_no_gather": 0, "row": 1, "vocab": 0, "embed_dim": 1}[m.style]
+            if weight is not None and weight.dim is not None and weight.dim % len(weight.shape) != natural:
+                unsupported.append(f"{path}: its weight is split along dim {weight.dim} (stored transposed, like "
+                                   f"Conv1D), which {target}'s {m.style} style does not split")
+                continue
+            if m.segments is not None and len(m.segments) > 1 and (
+                    target == "DTensor" or len(set(m.segments)) > 1):
+                unsupported.append(f"{path}: a fused projection of parts {list(m.segments)}, each split by itself; "
+                                   f"{target} splits the weight as one block")
+                continue
+            styles[path] = style(m)
+        if self.attribute_changes:
+            unsupported.extend(f"{c.module}.{c.attribute}: set to {c.new} (was {c.old}) on every rank; the model's "
+                               "own code reads it" for c in self.attribute_changes)
+        elif self.attribute_changes is None and any(e.kind in ("shape", "split_sizes") for e in self.edits):
+            n = sum(e.kind in ("shape", "split_sizes") for e in self.edits)
+            unsupported.append(f"{n} shape literals (head counts, split sizes) divided in the graph; whether the "
+                               "eager model needs attributes divided is not known: plan with inplace=True")
+        for e in self.edits:
+            if e.kind == "scatter":
+                unsupported.append(f"node {e.node}: sliced locally along dim {e.dim} (graph surgery)")
+            elif e.kind == "copy_params" and not grads_expressible:
+                unsupported.append(f"node {e.node}: a norm kept whole on split values, its parameters' gradients "
+                                   "all-reduced in backward")
+        if not grads_expressible:
+            unsupported.extend(f"{name}: {how} (no parallelize_module style does it)"
+                               for name, how in self.grads.items() if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER))
+        else:
+            for name, how in self.grads.items():
+                if how == GRAD_ALL_REDUCE:
+                    styles.setdefault(name.rpartition(".")[0], "replicated_with_grad_allreduce")
+                elif how == GRAD_ALL_GATHER:
+                    unsupported.append(f"{name}: {how}")
+        return styles, unsupported
+
+
+class ExportedPlan(dict):
+    """A plan in another library's vocabulary (module path -> style), and ``unsupported``: what
+    that vocabulary cannot express, one line each."""
+
+    def __init__(self, styles: dict[str, Any], unsupported: list[str]) -> None:
+        super().__init__(styles)
+        self.unsupported = list(unsupported)
+
+    @classmethod
+    def checked(cls, styles: dict[str, Any], unsupported: list[str], what: str, strict: bool) -> "ExportedPlan":
+        if unsupported and strict:
+            raise PlanError(f"{what}: the plan has {len(unsupported)} parts this target cannot express: "
+                            + "; ".join(unsupported[:8]) + ("; ..." if len(unsupported) > 8 else "")
+                            + f". Pass strict=False to get the rest, with these in .unsupported")
+        return cls(styles, unsupported)

@@ -28,7 +28,9 @@ The modules, each importing only those above it:
 - :mod:`~tpshard.checkpoint.safetensors_io`: the file format, streamed (``CheckpointError``);
 - :mod:`~tpshard.checkpoint.manifest`: ``manifest.json`` and the rank files it lists;
 - :mod:`~tpshard.checkpoint.fsutil`: output that appears all at once, progress;
-- :mod:`~tpshard.checkpoint.weights`: weight sources (safetensors, state_dict files, checkpoints);
+- :mod:`~tpshard.checkpoint.weights`: weight sources (safetensors, state_dict files, model
+  directories, checkpoints);
+- :mod:`~tpshard.checkpoint.hf_dir`: merge into a directory ``from_pretrained`` loads;
 - :mod:`~tpshard.checkpoint.model`: the model a checkpoint is for, planned on the meta device;
 - :mod:`~tpshard.checkpoint.load`: :func:`load_sharded`, one rank's module from its file;
 - :mod:`~tpshard.checkpoint.shard`: :func:`save_sharded`, :func:`merge`, :func:`reshard`.

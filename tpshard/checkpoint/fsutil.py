@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +26,11 @@ def _check_replaceable(target: Path, force: bool, is_dir: bool) -> None:
     if is_dir:
         if not target.is_dir():
             raise CheckpointError(f"{target} exists and is not a directory; remove it or choose another output")
-        if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
-            raise CheckpointError(f"refusing to replace {target}: it is not a tpshard checkpoint (no {MANIFEST_NAME}) "
-                                  "and not empty; remove it yourself or choose another output")
+        ours = (target / MANIFEST_NAME).is_file() or (target / "model.safetensors.index.json").is_file()
+        if any(target.iterdir()) and not ours:
+            raise CheckpointError(f"refusing to replace {target}: it is not a tpshard checkpoint (no {MANIFEST_NAME}), "
+                                  "not a merged model directory and not empty; remove it yourself or choose another "
+                                  "output")
     elif target.is_dir():
         raise CheckpointError(f"{target} is a directory; choose a file name for the output")
 
@@ -92,28 +93,22 @@ def format_bytes(n: float) -> str:
 
 
 class _Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal (or ``enabled``)."""
+    """A progress bar of bytes on stderr (tqdm), shown only when stderr is a terminal (or ``enabled``)."""
 
     def __init__(self, label: str, total: int, enabled: bool | None = None) -> None:
-        self.stream = sys.stderr
-        self.enabled = bool(self.stream.isatty()) if enabled is None else enabled
-        self.label, self.total, self.done = label, max(total, 1), 0
-        self.start = self.last = time.monotonic()
+        self.enabled = bool(sys.stderr.isatty()) if enabled is None else enabled
+        self._bar = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=max(total, 1), desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, dynamic_ncols=True, leave=True)
 
     def update(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.1 or self.done >= self.total):
-            self.last = now
-            frac = min(self.done / self.total, 1.0)
-            width = 30
-            bar = "#" * int(frac * width)
-            rate = self.done / max(now - self.start, 1e-9)
-            self.stream.write(f"\r{self.label} {frac:4.0%} [{bar:<{width}}] {format_bytes(self.done)}/"
-                              f"{format_bytes(self.total)} {format_bytes(rate)}/s ")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.update(nbytes)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -111,6 +111,31 @@ def _fill(sharded: nn.Module, stored: dict[str, torch.Tensor], buffers: dict[str
                 getattr(owner, kind)[attr] = value
 
 
+def _off_meta(sharded: nn.Module, device: Any) -> None:
+    """A graph captured on the meta device (torch.export bakes devices in: ``arange(...,
+    device=meta)``, ``_assert_tensor_metadata(..., device=meta)``) made to run on ``device``."""
+    target = torch.device(device if device is not None else "cpu")
+    swap = lambda v: target if isinstance(v, torch.device) and v.type == "meta" else v  # noqa: E731
+    for gm in sharded.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+                if any(swap(v) is target for v in node.kwargs.values()):
+                    gm.graph.erase_node(node)  # an assertion of the capture's device, no value
+                    changed = True
+                    continue
+            args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), swap)
+            if (args, kwargs) != (node.args, node.kwargs):
+                node.args, node.kwargs = args, kwargs
+                changed = True
+        if changed:
+            gm.recompile()
+
+
 # ---------------------------------------------------------------------------------------------
 # Load one rank.
 
@@ -157,6 +182,7 @@ def load_sharded(model: ModelLike, directory: str | os.PathLike, *, rank: int | 
         stored = {e.name: reader.read(e.name) for e in by_offset}
         reader.verify()
     _fill(sharded, stored, buffers, manifest, g, device, path)
+    _off_meta(sharded, device)
     if device is not None:
         sharded.to(device)
     return sharded

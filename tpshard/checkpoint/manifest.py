@@ -82,6 +82,7 @@ class Manifest:
     files: list[RankFile]
     model: str | None = None
     example_inputs: dict | None = None
+    source: dict | None = None  # where the weights came from (a model directory: its config and files)
     format_version: int = FORMAT_VERSION
     tpshard_version: str = ""
     torch_version: str = ""
@@ -100,6 +101,7 @@ class Manifest:
             "world_size": self.world_size,
             "model": self.model,
             "example_inputs": self.example_inputs,
+            "source": self.source,
             "ties": self.ties,
             "tensors": {k: {"shape": list(t.shape), "dtype": t.dtype, "dim": t.dim,
                             "segments": list(t.segments) if t.segments else None} for k, t in self.tensors.items()},
@@ -119,7 +121,7 @@ class Manifest:
                  for f in d["files"]]
         return cls(world_size=int(d["world_size"]), plan=Plan.from_dict(d["plan"]), tensors=tensors,
                    ties=dict(d.get("ties", {})), files=files, model=d.get("model"),
-                   example_inputs=d.get("example_inputs"), format_version=int(d["format_version"]),
+                   example_inputs=d.get("example_inputs"), source=d.get("source"), format_version=int(d["format_version"]),
                    tpshard_version=d.get("tpshard_version", ""), torch_version=d.get("torch_version", ""),
                    directory=directory)
 

@@ -27,11 +27,11 @@ def _factory_spec(factory: Any) -> str | None:
 
 
 def _resolve_model(model: ModelLike, example_inputs: tuple | None, example_kwargs: dict | None,
-                   recorded: dict | None = None) -> tuple[nn.Module, tuple, dict]:
+                   recorded: dict | None = None, trust_pickle: bool = False) -> tuple[nn.Module, tuple, dict]:
     """The model (see :func:`tpshard.models.resolve_model`; a factory runs under
     :func:`empty_weights`) and the example inputs to capture it with: given ones first, then
     the factory's, then those recorded in a manifest."""
-    module, args, kwargs = resolve_model(model, empty=True)
+    module, args, kwargs = resolve_model(model, empty=True, trust_pickle=trust_pickle)
     if example_inputs is not None:
         args = tuple(example_inputs)
     if example_kwargs is not None:

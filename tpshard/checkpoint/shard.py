@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from tpshard import layout
 from tpshard.checkpoint.fsutil import _atomic_dir, _atomic_file, _check_replaceable, _Progress
+from tpshard.checkpoint.hf_dir import DEFAULT_SHARD_BYTES, write_model_dir
 from tpshard.checkpoint.load import _check_model
 from tpshard.checkpoint.manifest import (
     Manifest,
@@ -38,6 +39,7 @@ from tpshard.checkpoint.manifest import (
 from tpshard.checkpoint.model import _factory_spec, _record_inputs, _resolve_model, plan_model
 from tpshard.checkpoint.safetensors_io import _DTYPE_NAMES, CheckpointError, SafetensorsWriter, _dtype_name, _nbytes
 from tpshard.checkpoint.weights import WeightSource, _CheckpointSource, _weights_for
+from tpshard.models.hf import build_from_record, config_record, is_model_dir, is_torch_file
 from tpshard.models.resolve import ModelLike
 from tpshard.plan import ParamShard, Plan
 
@@ -183,12 +185,12 @@ def _total_bytes(items: list[_Item], world_size: int) -> int:
 
 
 def _manifest(plan: Plan, items: list[_Item], ties: dict[str, str], files: list[RankFile], model: str | None,
-              inputs: dict | None) -> Manifest:
+              inputs: dict | None, source: dict | None = None) -> Manifest:
     tpshard_version, torch_version = _versions()
     tensors = {it.name: TensorInfo(tuple(it.spec.shape), _DTYPE_NAMES[it.dtype], it.spec.dim, it.spec.segments)
                for it in items}
     return Manifest(world_size=plan.world_size, plan=plan, tensors=tensors, ties=ties, files=files, model=model,
-                    example_inputs=inputs, tpshard_version=tpshard_version, torch_version=torch_version)
+                    example_inputs=inputs, source=source, tpshard_version=tpshard_version, torch_version=torch_version)
 
 
 def _check_world_size(world_size: int) -> None:
@@ -220,8 +222,15 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
         ['rank-00000-of-00002.safetensors', 'rank-00001-of-00002.safetensors']
     """
     _check_world_size(world_size)
-    module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs)
-    if model_spec is None and not isinstance(model, nn.Module):
+    module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs, trust_pickle=trust_pickle)
+    source_record = None
+    if is_model_dir(model):  # a save_pretrained directory: its own safetensors files are the weights
+        weights = model if weights is None else weights
+        model_spec = str(Path(model).absolute())
+        source_record = config_record(model)
+    elif model_spec is None and isinstance(model, (str, os.PathLike)) and is_torch_file(model):
+        model_spec = str(Path(model).absolute())
+    elif model_spec is None and not isinstance(model, nn.Module):
         model_spec = _factory_spec(model)
     _check_replaceable(Path(directory).absolute(), force, is_dir=True)  # fail before the slow part
     if plan is not None and overrides:
@@ -238,7 +247,7 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
         try:
             with _atomic_dir(directory, force) as tmp:
                 files = _write_ranks(tmp, items, world_size, source, bar)
-                manifest = _manifest(plan, items, ties, files, model_spec, _record_inputs(args, kwargs))
+                manifest = _manifest(plan, items, ties, files, model_spec, _record_inputs(args, kwargs), source_record)
                 _write_manifest(tmp, manifest)
         finally:
             bar.close()
@@ -251,14 +260,19 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
 # =============================================================================================
 
 
-def merge(directory: str | os.PathLike, out_file: str | os.PathLike, *, force: bool = False,
-          progress: bool | None = None) -> Path:
-    """Reassemble the full weights of a checkpoint into one ``.safetensors`` file, bit-exactly.
+def merge(directory: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+          progress: bool | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Reassemble the full weights of a checkpoint, bit-exactly, into ``out``: one
+    ``.safetensors`` file, or (any other name) a ``save_pretrained``-style directory —
+    ``config.json`` when the checkpoint was sharded from a model directory, safetensors files
+    of at most ``max_shard_bytes`` (default 5 GB) and ``model.safetensors.index.json`` — that
+    ``from_pretrained`` loads.
 
     Streaming: a chunk of rows of one tensor at a time is read from the rank files holding
-    it, joined (:func:`tpshard.layout.unshard`) and appended. Tied parameters appear once, under the canonical name; the file's metadata
-    ``tpshard_ties`` lists the aliases (``safetensors.torch.load_model`` re-ties them). Every
-    rank file's sha256 is checked; the output appears only if all match.
+    it, joined (:func:`tpshard.layout.unshard`) and appended. A tied parameter is written under
+    each of its names, so ``load_state_dict(strict=True)`` of the original works; the file's
+    metadata ``tpshard_ties`` lists the aliases. Every rank file's sha256 is checked; the
+    output appears only if all match.
 
     Example::
 
@@ -271,23 +285,40 @@ def merge(directory: str | os.PathLike, out_file: str | os.PathLike, *, force: b
         >>> full = load_file(merge(d + "/ckpt", d + "/full.safetensors", progress=False))
         >>> torch.equal(full["h.0.attn.c_attn.weight"], model.h[0].attn.c_attn.weight)
         True
+        >>> model.load_state_dict(full, strict=True)  # lm_head.weight, tied to wte.weight, included
+        <All keys matched successfully>
     """
     manifest = read_manifest(directory)
-    layout = [(n, t.torch_dtype, t.shape) for n, t in manifest.tensors.items()]
-    meta = {"format": "pt", "tpshard_ties": json.dumps(manifest.ties)}
-    bar = _Progress("merge", sum(_nbytes(s, d) for _, d, s in layout), progress)
+    aliases: dict[str, list[str]] = {}
+    for alias, canon in manifest.ties.items():
+        aliases.setdefault(canon, []).append(alias)
+    entries = []  # (name in the output, name in the checkpoint, dtype, shape): aliases after their canonical
+    for n, t in manifest.tensors.items():
+        entries.extend((o, n, t.torch_dtype, t.shape) for o in [n, *aliases.get(n, [])])
+    bar = _Progress("merge", sum(_nbytes(s, d) for _, _, d, s in entries), progress)
+
+    def write_tensor(name: str, src: str, dtype: torch.dtype, shape: tuple, writer: SafetensorsWriter) -> None:
+        _write_item(_Item(name, src, dtype, ParamShard(shape)), [writer], source)  # whole: one "rank"
+
+    as_file = Path(out).suffix == ".safetensors"
     try:
-        with _rank_readers(manifest) as readers, _atomic_file(out_file, force) as tmp:
+        opened = _atomic_file(out, force) if as_file else _atomic_dir(out, force)
+        with _rank_readers(manifest) as readers, opened as tmp:
             source = _CheckpointSource(manifest, readers)
-            with SafetensorsWriter(tmp, layout, meta) as writer:
-                for name, info in manifest.tensors.items():  # whole: replicated over one "rank"
-                    _write_item(_Item(name, name, info.torch_dtype, ParamShard(info.shape)), [writer], source)
-                    bar.update(_nbytes(info.shape, info.torch_dtype))
+            if as_file:
+                meta = {"format": "pt", "tpshard_ties": json.dumps(manifest.ties)}
+                with SafetensorsWriter(tmp, [(o, d, s) for o, _, d, s in entries], meta) as writer:
+                    for o, src, d, s in entries:
+                        write_tensor(o, src, d, s, writer)
+                        bar.update(_nbytes(s, d))
+            else:
+                write_model_dir(manifest, source, tmp, write_tensor, bar.update,
+                                max_shard_bytes or DEFAULT_SHARD_BYTES)
             for rd in readers:
                 rd.verify()
     finally:
         bar.close()
-    return Path(out_file).absolute()
+    return Path(out).absolute()
 
 
 def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size: int, *,
@@ -296,7 +327,8 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
     """Re-split a checkpoint of N ranks into ``world_size`` ranks in ``out_dir``, tensor by tensor.
 
     The new split comes from ``plan``, or from planning ``model`` (a module, meta is enough, or
-    a factory) for ``world_size`` — a plan for another world size may choose other styles, so
+    a factory; default for a checkpoint of a model directory: built from the config its
+    manifest records) for ``world_size`` — a plan for another world size may choose other styles, so
     it is made again rather than rescaled. Streaming: a chunk of rows of one tensor at a time
     is read from the N shards holding it, joined and split M ways; neither the model nor a
     whole tensor is ever in memory. Source checksums are checked; the output appears only if
@@ -316,6 +348,8 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
     src = read_manifest(directory)
     if Path(out_dir).absolute() == Path(directory).absolute():
         raise CheckpointError(f"reshard cannot write into its source {directory}; choose another output directory")
+    if plan is None and model is None and (src.source or {}).get("config"):
+        model = lambda: build_from_record(src.source)  # noqa: E731  (sharded from a model directory)
     if plan is None:
         if model is None:
             raise CheckpointError("reshard needs the model (or a plan) to plan the new world size: pass model=... "
@@ -341,7 +375,7 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
             files = _write_ranks(tmp, items, world_size, _CheckpointSource(src, readers), bar)
             for rd in readers:
                 rd.verify()
-            manifest = _manifest(plan, items, src.ties, files, src.model, src.example_inputs)
+            manifest = _manifest(plan, items, src.ties, files, src.model, src.example_inputs, src.source)
             _write_manifest(tmp, manifest)
     finally:
         bar.close()

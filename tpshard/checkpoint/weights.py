@@ -2,12 +2,14 @@
 
 A :class:`WeightSource` is a ``.safetensors`` file (memory-mapped a tensor, or some rows, at a
 time), a torch state_dict file (loaded with ``weights_only=True`` unless ``trust_pickle``), an
-in-memory mapping, or a sharded checkpoint read back as full tensors. :func:`open_weights`
-makes one from what the user passes.
+in-memory mapping, a Hugging Face model directory (the safetensors files its index names, read
+through ``safetensors.safe_open`` slices), or a sharded checkpoint read back as full tensors.
+:func:`open_weights` makes one from what the user passes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ import torch.nn as nn
 
 from tpshard import layout
 from tpshard.checkpoint.manifest import Manifest, _RankReader
-from tpshard.checkpoint.safetensors_io import CheckpointError, _SafetensorsFile
+from tpshard.checkpoint.safetensors_io import _DTYPES, CheckpointError, _SafetensorsFile
 
 __all__ = ["WeightSource", "open_weights"]
 
@@ -106,6 +108,72 @@ class _MappingSource(WeightSource):
         return self._tensors[name].detach()
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class _DirectorySource(WeightSource):
+    """The safetensors files of a ``save_pretrained`` directory: those its index names, or every
+    ``*.safetensors`` file without one. Each read opens the file with ``safetensors.safe_open``
+    and takes a slice, so only the rows in use are mapped (a map held open would keep every
+    page it touched resident)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(str(directory))
+        from safetensors import safe_open
+
+        self._open = lambda path: safe_open(str(path), framework="pt", device="cpu")
+        index = directory / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e}); "
+                                      "re-save the model with save_pretrained") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory} has no .safetensors weights (nor {INDEX_NAME}); re-save the model "
+                                  "with save_pretrained(dir, safe_serialization=True), or pass --weights FILE")
+        self.files: list[Path] = []
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{index} names {name}, which is missing from {directory}; copy it back or "
+                                      "re-save the model")
+            self.files.append(path)
+            try:
+                with self._open(path) as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self._where[key] = path
+                        self._info[key] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+            except Exception as e:  # safetensors raises its own error types
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path} could not be read as safetensors ({type(e).__name__}: {e}); "
+                                      "check that it is a complete .safetensors file") from None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._info[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        with self._open(self._where[name]) as f:
+            return f.get_tensor(name)
+
+    def load_rows(self, name: str, start: int, rows: int) -> torch.Tensor:
+        shape = self._info[name][0]
+        if not shape:
+            return self.load(name)
+        with self._open(self._where[name]) as f:
+            return f.get_slice(name)[start:start + rows]
+
+
 _SAVE_WEIGHTS_HINT = ("save the weights instead: safetensors.torch.save_model(model, 'model.safetensors') or "
                       "torch.save(model.state_dict(), 'weights.pt')")
 
@@ -138,7 +206,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 def open_weights(weights: str | os.PathLike | Mapping[str, torch.Tensor], *,
                  trust_pickle: bool = False) -> WeightSource:
-    """A :class:`WeightSource` for a ``.safetensors`` file, a torch state_dict file, or a mapping.
+    """A :class:`WeightSource` for a ``.safetensors`` file, a torch state_dict file, a model
+    directory (its safetensors files, through the index when there is one), or a mapping.
 
     A torch file is loaded with ``weights_only=True`` (memory-mapped when it is in the zip
     format); a file holding a pickled ``nn.Module`` is refused unless ``trust_pickle``, because
@@ -156,6 +225,8 @@ def open_weights(weights: str | os.PathLike | Mapping[str, torch.Tensor], *,
     if isinstance(weights, Mapping):
         return _MappingSource(weights, "the given state_dict")
     path = Path(weights)
+    if path.is_dir():
+        return _DirectorySource(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file; pass a .safetensors file or a torch state_dict file")
     with open(path, "rb") as f:

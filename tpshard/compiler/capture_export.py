@@ -5,11 +5,19 @@ sharded module also runs at other batch sizes and sequence lengths the original 
 export cannot keep them dynamic it falls back to static shapes and says so in ``Captured.note``.
 The graph is the training IR: ``aten.linear`` stays whole, every node carries its
 ``nn_module_stack``, and parameters are ``get_attr`` nodes under their original names.
+
+A Hugging Face model called the default way (``use_cache`` not passed, ``config.use_cache``
+true) would return a ``DynamicCache``, which ``torch.export`` cannot hold (no pytree
+registration). The cache is then handled explicitly: export runs with ``config.use_cache``
+off (restored afterwards), so the graph returns ``past_key_values=None``; the note says so.
+A model that returns a cache anyway gets an error that says what to pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,8 +44,46 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
     return shapes
 
 
+_CACHE_HINT = ("pass example_kwargs={'use_cache': False} (and call the sharded model with use_cache=False), "
+               "or use parallelize(..., inplace=True), which keeps generate() and its KV cache working")
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[bool]:
+    """``config.use_cache`` off while exporting a default call (no ``use_cache`` given); yields
+    whether it was switched."""
+    config = getattr(model, "config", None)
+    switch = ("use_cache" not in kwargs and getattr(config, "use_cache", False) is True
+              and "use_cache" in inspect.signature(model.forward).parameters)
+    if not switch:
+        yield False
+        return
+    config.use_cache = False
+    try:
+        yield True
+    finally:
+        config.use_cache = True
+
+
 def capture_export(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Captured:
     """Export ``model`` on the example inputs and describe the graph (see tpshard.compiler.ir_aten)."""
+    with _cache_off(model, example_kwargs) as switched:
+        try:
+            captured = _export(model, example_inputs, example_kwargs)
+        except RuntimeError as e:
+            if "Cache" in str(e) and "pytree" in str(e):
+                raise RuntimeError(f"{type(model).__name__} returns a KV cache object ({str(e).split(',')[0]}), "
+                                   f"which torch.export cannot capture; {_CACHE_HINT}") from e
+            raise
+    if switched:
+        captured.note = "; ".join(filter(None, [captured.note, (
+            "use_cache: the model's default call returns a KV cache, which a graph cannot hold; captured with "
+            "config.use_cache=False, so the sharded model returns past_key_values=None (for generate() with a "
+            "cache, use inplace=True)")]))
+    return captured
+
+
+def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Captured:
     note = ""
     try:
         ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs), strict=False,

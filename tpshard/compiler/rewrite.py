@@ -263,7 +263,9 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             else:
                 _vocab_lookup(new, e.size, g)
 
-    graph._codegen = copy.deepcopy(gm.graph._codegen)  # an exported graph's pytree in/out specs
+    # An exported graph's pytree in/out specs. A shallow copy: the specs are immutable, and a deep
+    # copy rebuilds each TreeSpec through copyreg, which warns (LeafSpec is deprecated) on every rank.
+    graph._codegen = copy.copy(gm.graph._codegen)
     root[GROUP_ATTR] = g
     out = fx.GraphModule(root, graph, f"TP{type(gm).__name__}")
     _restore_buffer_persistence(out, captured.model if captured.model is not None else gm)

@@ -23,7 +23,8 @@ Public names:
 
 They live in :mod:`tpshard.models.mlp_model`, :mod:`tpshard.models.gpt`,
 :mod:`tpshard.models.llama`, :mod:`tpshard.models.registry` (:func:`randomize_`,
-the registry), :mod:`tpshard.models.meta` and :mod:`tpshard.models.resolve`; import them from
+the registry), :mod:`tpshard.models.meta`, :mod:`tpshard.models.hf` (saved models: Hugging Face
+directories, ``torch.save`` modules) and :mod:`tpshard.models.resolve`; import them from
 ``tpshard.models``.
 
 Example:

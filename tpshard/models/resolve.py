@@ -1,7 +1,9 @@
 """MODEL: the one resolver of what the CLI, the verifier and the checkpoint functions take as a
 model, and the one rule for what a model factory returns.
 
-MODEL is a built-in reference model name (:data:`tpshard.models.REFERENCE_MODELS`), a
+MODEL is a Hugging Face ``save_pretrained`` directory (built from its ``config.json``), a
+torch file holding a whole module (``torch.save(model)``, read only with ``trust_pickle``), a
+built-in reference model name (:data:`tpshard.models.REFERENCE_MODELS`), a
 ``package.module:callable`` (the current directory is importable, as with ``python -m``), a
 zero-argument callable, or an ``nn.Module``. A callable returns a model, ``(model,)``,
 ``(model, example_args)`` or ``(model, example_args, example_kwargs)``; ``example_args`` is a
@@ -23,6 +25,7 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
+from tpshard.models.hf import build_from_dir, example_inputs_for, is_model_dir, is_torch_file, load_module
 from tpshard.models.meta import empty_weights
 from tpshard.models.registry import REFERENCE_MODELS, build
 
@@ -75,13 +78,15 @@ def unpack_model(made: Any, where: str) -> tuple[nn.Module, tuple, dict]:
 
 
 def resolve_model(model: ModelLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                  empty: bool = False) -> tuple[nn.Module, tuple, dict]:
+                  empty: bool = False, trust_pickle: bool = False) -> tuple[nn.Module, tuple, dict]:
     """MODEL -> ``(model, example_args, example_kwargs)``.
 
     ``empty``: build it under :func:`tpshard.models.meta.empty_weights` (parameters on the meta
     device, buffers real), for planning or when the weights come from a file. ``device`` and
     ``dtype`` (a torch dtype or its name) apply to built-in models. An ``nn.Module`` is returned
-    as it is, without inputs.
+    as it is, without inputs. A model directory's model is built from its config (example
+    inputs: token ids, and ``use_cache=False`` where the model has a cache); a torch file's
+    module is unpickled only with ``trust_pickle`` (and keeps its weights).
 
     Example::
 
@@ -91,16 +96,33 @@ def resolve_model(model: ModelLike, *, device: str | torch.device = "cpu", dtype
         >>> resolve_model("resnet")
         Traceback (most recent call last):
         ...
-        tpshard.models.resolve.ModelSpecError: unknown MODEL 'resnet'; use a built-in reference model ['gpt', 'llama', 'mlp'] or package.module:callable
+        tpshard.models.resolve.ModelSpecError: unknown MODEL 'resnet'; use a Hugging Face model directory (with config.json), a torch file with --trust-pickle, a built-in reference model ['gpt', 'llama', 'mlp'] or package.module:callable
     """
     if isinstance(model, nn.Module):
         return model, (), {}
     building = empty_weights() if empty else contextlib.nullcontext()
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if isinstance(model, str) and is_model_dir(model):
+        try:
+            module = build_from_dir(model, empty=empty)
+        except ValueError as e:
+            raise ModelSpecError(str(e)) from None
+        args, kwargs = example_inputs_for(module)
+        return module, args, kwargs
+    if isinstance(model, str) and is_torch_file(model):
+        try:
+            module = load_module(model, trust_pickle=trust_pickle)
+        except ValueError as e:
+            raise ModelSpecError(str(e)) from None
+        # loaded already (memory-mapped): its own weights are the weights
+        return (module, *example_inputs_for(module)) if hasattr(module, "config") else (module, (), {})
     if isinstance(model, str):
         if ":" not in model:
             if model not in REFERENCE_MODELS:
-                raise ModelSpecError(f"unknown MODEL {model!r}; use a built-in reference model "
-                                     f"{sorted(REFERENCE_MODELS)} or package.module:callable")
+                raise ModelSpecError(f"unknown MODEL {model!r}; use a Hugging Face model directory (with "
+                                     f"config.json), a torch file with --trust-pickle, a built-in reference "
+                                     f"model {sorted(REFERENCE_MODELS)} or package.module:callable")
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype.removeprefix("torch."))
             with building:

@@ -73,7 +73,8 @@ __all__ = ["verify"]
 def verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = (), example_kwargs: dict | None = None,
            device: str = "cpu", dtype: torch.dtype | str = torch.float64, plan: Plan | None = None,
            backward: bool = True, optimizer_step: bool = True, rtol: float | None = None,
-           atol: float | None = None, timeout: float = 300.0, keep_dropout: bool = False) -> VerifyReport:
+           atol: float | None = None, timeout: float = 300.0, keep_dropout: bool = False,
+           overrides: dict[str, str] | None = None) -> VerifyReport:
     """Run ``model`` sharded over ``world_size`` real ranks and the original, and compare.
 
     Args:
@@ -93,6 +94,7 @@ def verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = (),
         rtol, atol: tolerances (default :func:`default_tolerance` of ``dtype``).
         timeout: seconds for the ranks; a hung or dead rank fails the call within it.
         keep_dropout: keep dropout active in training mode (default: switch to eval, with a note).
+        overrides: module path pattern -> style, as in :func:`tpshard.plan` (ignored with ``plan``).
     Returns:
         a :class:`VerifyReport`; ``report.ok`` only when every comparison passes.
     Raises:
@@ -109,7 +111,7 @@ def verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = (),
     """
     return _verify(model, world_size, example_inputs=example_inputs, example_kwargs=example_kwargs, device=device,
                    dtype=dtype, plan=plan, backward=backward, optimizer_step=optimizer_step, rtol=rtol, atol=atol,
-                   timeout=timeout, keep_dropout=keep_dropout)
+                   timeout=timeout, keep_dropout=keep_dropout, overrides=overrides)
 
 
 def _prepare(model: nn.Module | str, dtype: torch.dtype, example_inputs: Any, example_kwargs: dict | None
@@ -140,6 +142,7 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
             device: str = "cpu", dtype: torch.dtype | str = torch.float64, plan: Plan | None = None,
             backward: bool = True, optimizer_step: bool = True, rtol: float | None = None,
             atol: float | None = None, timeout: float = 300.0, keep_dropout: bool = False,
+            overrides: dict[str, str] | None = None,
             localize: bool = True, start_method: str | None = None,
             _tamper: Callable[[int, int, nn.Module], None] | None = None) -> VerifyReport:
     """:func:`verify`, plus the knobs tests need: ``_tamper(rank, world_size, sharded)`` runs
@@ -171,7 +174,7 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
                      "draw different random masks, so their outputs are not expected to match")
     args, kwargs = tuple(c.example_inputs), dict(c.example_kwargs)
     if plan is None:
-        plan = make_plan(c.gm, c.ops, world_size, None, c.kind)
+        plan = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}; plan again for {world_size}")
     gen = torch.Generator().manual_seed(1234)
