@@ -310,7 +310,8 @@ class _AllGatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, group: Group) -> Tensor:
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        # contiguous: the column linears that share it would each copy (and save) a strided view
+        return _all_gather(x, dim, group).contiguous()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
