@@ -152,3 +152,10 @@ def test_sequence_not_divisible_names_the_input() -> None:
         tpshard.plan(model, 4, example_inputs=inputs, sequence_parallel=True)
     with pytest.raises(PlanError, match="in place"):
         tpshard.plan(model, 2, example_inputs=inputs, sequence_parallel=True, inplace=True)
+
+
+def test_cli_plan_sequence_parallel(capsys: pytest.CaptureFixture) -> None:
+    from tpshard import cli
+    assert cli.main(["plan", "llama", "--world-size", "2", "--sequence-parallel"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd reduce_scatter" in out and "sequence parallel: dim 1" in out
