@@ -22,7 +22,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _body(rank: int, world: int, name: str) -> dict:
+def _body(rank: int, world: int, name: str, sequence_parallel: bool = False) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     mesh = tpshard.init_parallelism(2)
@@ -30,7 +30,7 @@ def _body(rank: int, world: int, name: str) -> dict:
     torch.manual_seed(0)
     model, (ids,) = models.build(name, dtype=torch.float64, batch=4)
     ref = copy.deepcopy(model)
-    sharded = tpshard.parallelize(model, 2, example_inputs=(ids,))
+    sharded = tpshard.parallelize(model, 2, example_inputs=(ids,), sequence_parallel=sequence_parallel)
     plan = sharded.tpshard_plan
     fully_shard(sharded, mesh=mesh["dp"])
     # eps bounds Adam's amplification of rounding noise: the key bias's gradient is exactly zero
@@ -67,9 +67,9 @@ def _body(rank: int, world: int, name: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["gpt"])
-def test_fsdp2_on_the_dp_dim_of_a_tp_sharded_model(name: str) -> None:
-    results = run_ranks(_body, 4, name, timeout=280)
+@pytest.mark.parametrize("name,sequence_parallel", [("gpt", False), ("llama", True)])
+def test_fsdp2_on_the_dp_dim_of_a_tp_sharded_model(name: str, sequence_parallel: bool) -> None:
+    results = run_ranks(_body, 4, name, sequence_parallel, timeout=280)
     for rank, r in enumerate(results):
         bad = {k: v for k, v in r["errors"].items() if not v <= RTOL}
         assert not bad, f"rank {rank}: {bad}"

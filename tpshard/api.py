@@ -7,20 +7,26 @@ from typing import Any
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.compiler import Captured, apply_inplace, capture, make_plan, plan_inplace, rewrite
+from tpshard.compiler import Captured, apply_inplace, capture, make_plan, plan_inplace, rewrite, sequence_parallel
 from tpshard.models.meta import on_meta, to_meta
 from tpshard.plan import Plan, PlanError
 
 __all__ = ["plan", "parallelize"]
 
 
-def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False) -> Plan:
+def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False,
+                   seq: bool = False) -> Plan:
     p = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+    if seq:
+        if inplace:
+            raise PlanError("sequence_parallel=True needs the graph (reduce-scatters and gathers between "
+                            "modules); it cannot be applied in place")
+        return sequence_parallel(p, c.gm, c.ops)
     return plan_inplace(c.model, c, p) if inplace else p
 
 
 def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
-         overrides: dict[str, str] | None = None, inplace: bool = False) -> Plan:
+         overrides: dict[str, str] | None = None, inplace: bool = False, sequence_parallel: bool = False) -> Plan:
     """Plan how to split ``model`` over ``world_size`` ranks. Pure analysis: no process group,
     no weights copied, the model untouched (a model on the meta device stays there).
 
@@ -31,6 +37,11 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
     ``inplace=True`` plans for ``parallelize(..., inplace=True)``: a plan the eager model cannot
     express is refused with the node that needs the graph, and the module attributes to divide
     (head counts, widths) are found and recorded in ``Plan.attribute_changes``.
+
+    ``sequence_parallel=True`` splits the residual stream between blocks along the sequence
+    dim (norms, residual adds and dropout run on sequence shards; each all-reduce becomes a
+    reduce-scatter and an all-gather); inputs and outputs stay replicated. ``Plan.sequence``
+    says where the sequence dim is and why (see :mod:`tpshard.compiler.sequence`).
 
     Example::
 
@@ -45,13 +56,15 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
         # shapes only, so capture with everything on the meta device.
         with on_meta(model):
             return _plan_captured(capture(model, to_meta(example_inputs), to_meta(example_kwargs or {})),
-                                  world_size, overrides, inplace)
-    return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides, inplace)
+                                  world_size, overrides, inplace, sequence_parallel)
+    return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides, inplace,
+                          sequence_parallel)
 
 
 def parallelize(model: nn.Module, world_size: int | None = None, *, example_inputs: tuple = (),
                 example_kwargs: dict | None = None, group: Any = None, plan: Plan | None = None,
-                overrides: dict[str, str] | None = None, inplace: bool = False) -> nn.Module:
+                overrides: dict[str, str] | None = None, inplace: bool = False,
+                sequence_parallel: bool = False) -> nn.Module:
     """This rank's tensor-parallel version of ``model``.
 
     Runs inside an initialized torch.distributed job (e.g. under ``torchrun``); the rank comes
@@ -66,7 +79,7 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     so every method keeps working (e.g. Hugging Face ``generate()``); a plan that needs the
     graph is refused with the node that needs it (see :mod:`tpshard.compiler.inplace`). The
     attributes are the plan's (``plan(..., inplace=True)``); a plan made for the graph gets
-    them found first.
+    them found first. ``sequence_parallel=True``: as in :func:`plan` (a given ``plan=`` decides).
 
     Example (world size 1 needs no job)::
 
@@ -95,7 +108,7 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
                         "again with tpshard.plan(model, world_size, overrides=...)")
     c = capture(model, example_inputs, example_kwargs)
     if plan is None:
-        plan = _plan_captured(c, world_size, overrides)
+        plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
     if inplace:

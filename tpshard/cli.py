@@ -1,6 +1,7 @@
 """The ``tpshard`` command line.
 
-    tpshard plan MODEL --world-size N [--json]          how MODEL is split, and memory per rank
+    tpshard plan MODEL --world-size N [--json] [--sequence-parallel]
+                                                        how MODEL is split, and memory per rank
     tpshard shard MODEL --world-size N --out DIR        a sharded checkpoint: one file per rank
     tpshard merge DIR --out FILE.safetensors | OUT_DIR  the full weights again, bit-exact (a directory:
                                                         what from_pretrained loads)
@@ -146,7 +147,7 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
     source = checkpoint.open_weights(weights, trust_pickle=ns.trust_pickle) if weights else None
     with source if source is not None else contextlib.nullcontext():
         plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs,
-                                     overrides=overrides_of(ns))
+                                     overrides=overrides_of(ns), sequence_parallel=ns.sequence_parallel)
         if ns.json:
             print(plan.to_json())
             return 0
@@ -252,6 +253,9 @@ def _add_plan(sub: Any) -> None:
     _add_model_args(p)
     p.add_argument("-n", "--world-size", type=_world_size, required=True, help=WORLD_HELP)
     p.add_argument("--json", action="store_true", help="print the Plan's JSON")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="split the residual stream between blocks along the sequence dim (norms, residual adds, "
+                        "dropout on sequence shards; reduce-scatter + all-gather in place of each all-reduce)")
     p.set_defaults(fn=_cmd_plan)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "mp_gather",
     "mp_all_gather_seq",
     "mp_reduce_scatter_seq",
+    "mp_seq_whole",
     "call_with_param_copies",
 ]
 
@@ -309,7 +310,8 @@ class _AllGatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, group: Group) -> Tensor:
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        # contiguous: the column linears that share it would each copy (and save) a strided view
+        return _all_gather(x, dim, group).contiguous()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -459,3 +461,31 @@ def mp_reduce_scatter_seq(x: Tensor, dim: int = 1, group: Any = None) -> Tensor:
     if g.size == 1:
         return x
     return _ReduceScatterSeq.apply(x, dim, g)
+
+
+class _SeqWhole(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, full: Tensor, x: Tensor, dim: int, group: Group) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        return full.view_as(full)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None, None]:
+        return None, _own_slice(grad, ctx.dim, ctx.group), None, None
+
+
+def mp_seq_whole(full: Tensor, x: Tensor, dim: int = 1, group: Any = None) -> Tensor:
+    """Sequence parallel: ``full``, the all-gather of the shards ``x`` that column linears take
+    (:func:`mp_all_gather_seq`), for a consumer that computes whole: forward ``full`` (no second
+    all-gather), backward this rank's slice of the gradient to ``x`` (every rank's is the same).
+
+    Example::
+
+        >>> x = torch.ones(2, 4, 3)
+        >>> mp_seq_whole(mp_all_gather_seq(x), x).shape
+        torch.Size([2, 4, 3])
+    """
+    g = resolve_group(group)
+    if g.size == 1:
+        return x
+    return _SeqWhole.apply(full, x, dim, g)

@@ -114,6 +114,20 @@ class Edit:
     - drop_bias: the functional row linear ``node`` runs without its bias (added after the reduce)
     - vocab_lookup: the functional embedding ``node`` (vocabulary ``size``) becomes this rank's
       masked partial lookup
+
+    Sequence parallelism (:mod:`tpshard.compiler.sequence`) adds:
+
+    - reduce_scatter: reduce-scatter the partial sum ``node`` along the sequence ``dim`` for
+      ``users`` (bwd all-gather), then add ``biases`` on the shards (a parameter through a copy:
+      each rank's share of its gradient is all-reduced in backward)
+    - all_gather_seq: all-gather the sequence shards of ``node`` along ``dim`` for ``users``, the
+      column linears (bwd reduce-scatter: their input gradients are partial)
+    - gather_seq: all-gather the sequence shards of ``node`` along ``dim`` for ``users`` that
+      compute whole (bwd: this rank's slice)
+    - whole_seq: as gather_seq, for a ``node`` that also has an all_gather_seq: its all-gathered
+      value is reused (no second all-gather)
+    - seq_size: the size read by ``node`` is of a sequence shard; multiply its sequence ``dim``
+      (None: the int itself) by ``size``
     """
 
     kind: str
@@ -155,10 +169,15 @@ class Plan:
     grads: dict[str, str] = field(default_factory=dict)
     # the user's overrides (fnmatch pattern -> style) the plan was made with, so it can be remade
     overrides: dict[str, str] = field(default_factory=dict)
+    # sequence parallelism (empty: off): the sequence dim, why, the ops on sequence shards
+    sequence: dict[str, Any] = field(default_factory=dict)
 
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        d = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        if not d["sequence"]:  # plans without sequence parallelism read as before
+            del d["sequence"]
+        return d
 
     def to_json(self, indent: int | None = 1) -> str:
         """The plan as JSON; :meth:`from_json` gives back an equal Plan."""
@@ -180,7 +199,7 @@ class Plan:
                    attribute_changes=None if changes is None else [AttributeChange(**c) for c in changes],
                    capture=d.get("capture", "fx"), ties=dict(d.get("ties", {})),
                    notes=list(d.get("notes", [])), grads=dict(d.get("grads", {})),
-                   overrides=dict(d.get("overrides", {})))
+                   overrides=dict(d.get("overrides", {})), sequence=dict(d.get("sequence", {})))
 
     @classmethod
     def from_json(cls, s: str) -> "Plan":

@@ -67,7 +67,7 @@ def _inputs_from_record(rec: dict) -> tuple[tuple, dict]:
 
 
 def plan_model(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
-               overrides: dict[str, str] | None = None) -> Plan:
+               overrides: dict[str, str] | None = None, sequence_parallel: bool = False) -> Plan:
     """:func:`tpshard.plan` on a meta view of ``model`` (for models built under :func:`empty_weights`,
     whose real buffers and meta parameters do not mix in shape propagation).
 
@@ -81,4 +81,5 @@ def plan_model(model: nn.Module, world_size: int, *, example_inputs: tuple = (),
     """
     with on_meta(model):
         return plan(model, world_size, example_inputs=to_meta(tuple(example_inputs)),
-                    example_kwargs=to_meta(dict(example_kwargs or {})), overrides=overrides)
+                    example_kwargs=to_meta(dict(example_kwargs or {})), overrides=overrides,
+                    sequence_parallel=sequence_parallel)

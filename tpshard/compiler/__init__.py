@@ -9,6 +9,7 @@ Modules, each importing only those above it:
   :mod:`~tpshard.compiler.analysis`: sharding propagation, rules as lookup tables;
 - :mod:`~tpshard.compiler.planner_replay`, :mod:`~tpshard.compiler.styles`,
   :mod:`~tpshard.compiler.planner`: the decisions, written as a Plan;
+- :mod:`~tpshard.compiler.sequence`: sequence parallelism, a post-pass over a Plan's edits;
 - :mod:`~tpshard.compiler.rewrite`: a Plan applied to the graph;
 - :mod:`~tpshard.compiler.inplace`, :mod:`~tpshard.compiler.inplace_apply`: in-place mode,
   planned (attribute changes recorded in the Plan), then applied.
@@ -22,7 +23,8 @@ from tpshard.compiler.inplace import plan_inplace
 from tpshard.compiler.inplace_apply import apply_inplace
 from tpshard.compiler.planner import make_plan
 from tpshard.compiler.rewrite import rewrite
+from tpshard.compiler.sequence import sequence_parallel
 from tpshard.compiler.styles import SPLIT_STYLES, STYLES
 
 __all__ = ["CaptureError", "Captured", "capture", "make_plan", "STYLES", "SPLIT_STYLES", "rewrite", "plan_inplace",
-           "apply_inplace"]
+           "apply_inplace", "sequence_parallel"]

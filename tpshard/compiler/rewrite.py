@@ -35,6 +35,7 @@ import torch.nn as nn
 from tpshard import comm
 from tpshard.compiler.capture import Captured
 from tpshard.compiler.ir import Op
+from tpshard.compiler.sequence import full_size
 from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
 from tpshard.layers import vocab_parallel_lookup
 from tpshard.plan import Edit, Plan, PlanError
@@ -184,12 +185,14 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
     for e in plan.edits:
         if e.kind == "skip_add":
             skip_add[e.node] = e.dim
-        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup", "copy_params"):
+        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup", "copy_params", "seq_size"):
             shape_edits.setdefault(e.node, []).append(e)
         else:
             for u in e.users:
                 edge.setdefault((e.node, u), []).append(e)
-    order = {"reduce": 0, "copy": 1, "scatter": 1, "gather": 1}
+    seq_gathers = {e.node: e for e in plan.edits if e.kind == "all_gather_seq"}
+    order = {"reduce": 0, "reduce_scatter": 0, "all_gather_seq": 0.5, "gather_seq": 0.5, "whole_seq": 0.5,
+             "copy": 1, "scatter": 1, "gather": 1}
     for v in edge.values():
         v.sort(key=lambda e: order[e.kind])
 
@@ -208,17 +211,29 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
         key = (e.kind, src.name, e.dim, e.segments, e.reduced)
         if key in made:
             return made[key]
-        if e.kind == "reduce":
-            out = graph.call_function(comm.mp_reduce, (value, group_node()))
+        if e.kind in ("reduce", "reduce_scatter"):
+            if e.kind == "reduce":
+                out = graph.call_function(comm.mp_reduce, (value, group_node()))
+            else:
+                out = graph.call_function(comm.mp_reduce_scatter_seq, (value, e.dim, group_node()))
             for b in e.biases:  # row biases (parameters) and replicated terms ("%node@add")
                 if b.startswith("%"):
                     term_node, _, add = b[1:].partition("@")
                     term = lookup_edge(nodes[term_node], nodes[add])  # as that add saw it (maybe reduced)
                 else:
                     term = graph.get_attr(b)
+                    if e.kind == "reduce_scatter":  # a row bias added on sequence shards: partial gradient
+                        term = graph.call_function(comm.mp_copy, (term, group_node()))
                 out = graph.call_function(operator.add, (out, term))
         elif e.kind == "copy":
             out = graph.call_function(comm.mp_copy, (value, group_node()))
+        elif e.kind == "all_gather_seq":
+            out = graph.call_function(comm.mp_all_gather_seq, (value, e.dim, group_node()))
+        elif e.kind == "gather_seq":
+            out = graph.call_function(comm.mp_gather, (value, e.dim, group_node()))
+        elif e.kind == "whole_seq":  # the all_gather_seq of the same value, reused
+            full = apply(src, seq_gathers[src.name], value)
+            out = graph.call_function(comm.mp_seq_whole, (full, value, e.dim, group_node()))
         elif e.kind == "scatter":
             out = graph.call_function(comm.mp_scatter, (value, e.dim, group_node(), e.segments))
         else:
@@ -250,13 +265,20 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             new.replace_all_uses_with(synced)
             graph.erase_node(new)
             new = synced
+        for e in shape_edits.get(node.name, ()):
+            if e.kind == "seq_size":  # the size of a sequence shard, read as the full size
+                with graph.inserting_after(new):
+                    full = graph.call_function(full_size, (new, e.dim, e.size))
+                new.replace_all_uses_with(full)
+                full.args = (new, e.dim, e.size)
+                new = full
         env[node] = new
         for e in shape_edits.get(node.name, ()):
             if e.kind == "shape":
                 _set_shape(new, ops[node.name], e.dim, e.size)
             elif e.kind == "split_sizes":
                 _set_split_sizes(new, e.sizes)
-            elif e.kind == "copy_params":
+            elif e.kind in ("copy_params", "seq_size"):
                 pass  # applied above
             elif e.kind == "drop_bias":
                 _drop_bias(new)
