@@ -53,10 +53,75 @@ class FusedGroupsBlocked(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+# -- op rules: complex rotary embeddings as in Meta's reference Llama code ----------------------
+
+def _freqs_cis(dim: int, end: int) -> torch.Tensor:
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, dim, 2)[: dim // 2].double() / dim))
+    freqs = torch.outer(torch.arange(end, dtype=torch.float64), freqs)
+    # Stored as real pairs: a module's .to(float64) would cast a complex buffer to real.
+    return torch.view_as_real(torch.polar(torch.ones_like(freqs), freqs))
+
+
+def _rotary(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xq_ = torch.view_as_complex(xq.double().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.double().reshape(*xk.shape[:-1], -1, 2))
+    shape = [d if i == 1 or i == xq_.ndim - 1 else 1 for i, d in enumerate(xq_.shape)]
+    freqs_cis = freqs_cis.view(*shape)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class MetaLlamaAttention(nn.Module):
+    """Meta's reference attention (complex rotary: view_as_complex/real, flatten, type_as),
+    q/k/v viewed by unflatten; the slice ``freqs_cis[:t]`` makes torch.fx fail, so it is exported."""
+
+    def __init__(self, d: int = 32, heads: int = 4, seq: int = 8) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.register_buffer("freqs_cis", _freqs_cis(self.hd, seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        xq, xk = self.wq(x).unflatten(-1, (self.h, self.hd)), self.wk(x).unflatten(-1, (self.h, self.hd))
+        xv = self.wv(x).view(b, t, self.h, self.hd)
+        xq, xk = _rotary(xq, xk, torch.view_as_complex(self.freqs_cis)[:t])
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        scores = torch.matmul(xq, xk.transpose(2, 3)) / self.hd ** 0.5
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        return self.wo(torch.matmul(scores, xv).transpose(1, 2).contiguous().view(b, t, -1))
+
+
+class FxRotaryAttention(nn.Module):
+    """The same rotary code as torch.fx traces it (the whole table, no slice by a traced size)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, seq: int = 5) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.register_buffer("freqs_cis", _freqs_cis(self.hd, seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        xq = torch.unflatten(self.wq(x), -1, (self.h, self.hd))
+        xk = self.wk(x).unflatten(2, (self.h, self.hd))
+        xv = self.wv(x).view(b, t, self.h, self.hd)
+        freqs = torch.view_as_complex(self.freqs_cis).view(1, t, 1, self.hd // 2)
+        xq_ = torch.view_as_complex(xq.double().reshape(b, t, self.h, -1, 2))  # (*xq.shape[:-1]) would not trace
+        xk_ = torch.view_as_complex(xk.double().reshape(b, t, self.h, -1, 2))
+        xq = torch.view_as_real(xq_ * freqs).flatten(3).type_as(xq)
+        xk = torch.view_as_real(xk_ * freqs).flatten(3).type_as(xk)
+        y = F.scaled_dot_product_attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2))
+        return self.wo(torch.flatten(y.transpose(1, 2), 2))
+
+
 # name: (factory, input shape, modules that must be split, max local fraction beyond 1/W or None)
 CASES: dict[str, tuple] = {
     "gated_mlp": (GatedMLP, (3, 16), {"up", "down"}, 0.1),
     "fused_groups_blocked": (FusedGroupsBlocked, (3, 5, 16), {"up", "down"}, None),
+    "meta_llama_rotary_export": (MetaLlamaAttention, (3, 8, 32), {"wq", "wk", "wv", "wo"}, 0.1),
+    "rotary_fx": (FxRotaryAttention, (3, 5, 32), {"wq", "wk", "wv", "wo"}, 0.1),
 }
 
 
@@ -135,3 +200,17 @@ def test_fused_view_names_the_first_real_blocker() -> None:
     reason = plan.modules["qkv"].reason
     assert "cumsum" in reason and "not divisible" not in reason, reason
     assert "why not sharded: qkv (" in plan.explain() and "cumsum" in plan.explain()
+
+
+@pytest.mark.parametrize("cls, shape, kind", [(MetaLlamaAttention, (2, 8, 32), "export"),
+                                               (FxRotaryAttention, (2, 5, 32), "fx")])
+def test_complex_rotary_attention_is_split_by_heads(cls: type, shape: tuple, kind: str) -> None:
+    from tpshard.compiler.capture import capture
+
+    x = torch.randn(shape, dtype=DT)
+    model = cls().to(DT)
+    assert capture(model, (x,)).kind == kind
+    plan = tpshard.plan(model, 2, example_inputs=(x,))
+    assert {m.path: m.style for m in plan.modules.values()} == {"wq": "column", "wk": "column", "wv": "column",
+                                                                  "wo": "row"}
+    assert plan.collective_counts() == {"bwd all_reduce": 1, "fwd all_reduce": 1}

@@ -222,6 +222,9 @@ def _dims_op(node: fx.Node, kind: str, src: fx.Node, args: tuple) -> Op | None:
         return Op(node, "dims", [src], {"map": [_norm_dim(int(x), ndim) for x in dims], "slices": []})
     if kind == "t":
         return Op(node, "dims", [src], {"map": list(reversed(range(ndim))), "slices": []})
+    if kind in ("view_as_complex", "view_as_real"):  # (..., n, 2) real <-> (..., n) complex
+        return Op(node, "dims", [src], {"map": list(range(ndim - 1)) if kind == "view_as_complex"
+                                        else [*range(ndim), None], "slices": []})
     if kind == "unsqueeze":
         d = _norm_dim(int(args[0]), ndim + 1)
         m = list(range(ndim))
@@ -302,7 +305,8 @@ def _describe_method(node: fx.Node) -> Op:
             where = ("varargs", 1)
         return Op(node, "view", [src], {"shape_arg": where})
     if name in ("flatten", "unflatten", "view_as", "reshape_as"):
-        return Op(node, "view", _tensor_args(node.args)[:1], {"shape_arg": None})
+        return Op(node, "view", _tensor_args(node.args)[:1], {"shape_arg": ("unflatten", 1, 2) if name == "unflatten"
+                                                                   and len(node.args) == 3 else None})
     if name in ("transpose", "permute", "t", "unsqueeze", "swapaxes"):
         return _dims_op(node, name, src, rest) or _opaque(node, f"method .{name}()")
     if name == "squeeze":
@@ -328,7 +332,7 @@ def _describe_method(node: fx.Node) -> Op:
     if name in ("sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp"):
         return _reduce(node, src, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
     if name in _UNARY_METHODS:
-        ins = [src] + [a for a in _tensor_args(rest)]
+        ins = [src] + ([] if name == "type_as" else _tensor_args(rest))  # type_as: the other gives a dtype only
         linear_in = {0} if name in ("contiguous", "clone", "float", "double", "half", "bfloat16", "to",
                                      "type", "type_as", "cpu", "cuda") else set()
         return Op(node, "pointwise", ins, {"fn": name, "linear_in": linear_in})
@@ -389,8 +393,10 @@ def _describe_function(node: fx.Node) -> Op:
     if fn in (torch.reshape,):
         return Op(node, "view", [args[0]], {"shape_arg": ("tuple", 1)})
     if fn in (torch.flatten, torch.unflatten):
-        return Op(node, "view", [args[0]], {"shape_arg": None})
-    if fn in (torch.transpose, torch.permute, torch.t, torch.unsqueeze, torch.swapaxes):
+        unflat = fn is torch.unflatten and len(args) == 3
+        return Op(node, "view", [args[0]], {"shape_arg": ("unflatten", 1, 2) if unflat else None})
+    if fn in (torch.transpose, torch.permute, torch.t, torch.unsqueeze, torch.swapaxes, torch.view_as_complex,
+              torch.view_as_real):
         return _dims_op(node, fn.__name__, args[0], args[1:]) or _opaque(node, fn.__name__)
     if fn is torch.squeeze:
         return _squeeze(node, args[0], args[1:])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpshard.compiler.ir import Op, _norm_dim, module_of, shape_of
+from tpshard.compiler.ir import Op, _dims_op, _norm_dim, module_of, shape_of
 
 __all__ = ["describe_aten"]
 
@@ -107,6 +107,14 @@ def _describe(node: fx.Node, params: set[str]) -> Op:
     # -- shapes ----------------------------------------------------------------------------------
     if t in _VIEWS:
         return Op(node, "view", [a[0]], {"shape_arg": ("tuple", 1)})
+    if p is aten.flatten:  # the merged dim follows the input: no literal to rewrite
+        return Op(node, "view", [a[0]], {"shape_arg": None})
+    if p is aten.unflatten:  # unflatten(x, dim, sizes): the split factor's literal is divided
+        return Op(node, "view", [a[0]], {"shape_arg": ("unflatten", 1, 2)})
+    if p in (aten.view_as_complex, aten.view_as_real):
+        return _dims_op(node, p.__name__, a[0], ())
+    if p is aten.type_as:  # the other operand gives only a dtype: no value, no gradient flows to it
+        return Op(node, "pointwise", [a[0]], {"fn": "type_as", "linear_in": {0}})
     if p is aten.expand:
         return Op(node, "expand", [a[0]], {"shape_arg": ("tuple", 1)})
     if p in (aten.transpose, aten.permute, aten.t, aten.unsqueeze, aten.squeeze, aten.slice, aten.select,

@@ -81,8 +81,8 @@ def _grad_nodes(ops: list[Op], param_names: Any) -> set[fx.Node]:
                 out.add(n)
         elif n.op == "call_module" and op.kind in ("linear", "embedding", "norm", "opaque"):
             out.add(n)
-        elif any(a in out for a in n.all_input_nodes):
-            out.add(n)
+        elif any(a in out and shape_of(a) is not None for a in n.all_input_nodes):
+            out.add(n)  # through tensors only: a size (a sym_size of the input) carries no gradient
     return out
 
 

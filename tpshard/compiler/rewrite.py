@@ -89,7 +89,17 @@ def _set_shape(node: fx.Node, op: Op, dim: int, size: int) -> None:
     where = op.attrs.get("shape_arg")
     if where is None:
         raise PlanError(f"cannot rewrite the shape of {node.format_node()}: its shape argument is not literal")
-    kind, pos = where
+    kind, pos = where[:2]
+    if kind == "unflatten":  # unflatten(x, dim, sizes): only a dim among the sizes has a literal
+        args = list(node.args)
+        src = args[0]
+        udim = args[pos] % (len(src.meta["tensor_meta"].shape if "tensor_meta" in src.meta else src.meta["val"].shape))
+        sizes = list(args[where[2]])
+        if 0 <= dim - udim < len(sizes):
+            sizes[dim - udim] = size
+            args[where[2]] = type(args[where[2]])(sizes)
+            node.args = tuple(args)
+        return
     if kind == "kw":
         shape = list(node.kwargs[pos])
         shape[dim] = size
