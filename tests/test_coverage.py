@@ -116,12 +116,48 @@ class FxRotaryAttention(nn.Module):
         return self.wo(torch.flatten(y.transpose(1, 2), 2))
 
 
+# -- torch's own attention layers (captured by torch.export: the layers' fast-path checks are
+# Python control flow on the input) --------------------------------------------------------------
+
+def _encoder(batch_first: bool = True) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+class CausalEncoder(nn.Module):
+    """Sequence-first, with a causal mask built from the input's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = _encoder(batch_first=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0], dtype=x.dtype)
+        return self.enc(x, mask=mask, is_causal=True)
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention on its own, with biases and a key padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+
 # name: (factory, input shape, modules that must be split, max local fraction beyond 1/W or None)
 CASES: dict[str, tuple] = {
     "gated_mlp": (GatedMLP, (3, 16), {"up", "down"}, 0.1),
     "fused_groups_blocked": (FusedGroupsBlocked, (3, 5, 16), {"up", "down"}, None),
     "meta_llama_rotary_export": (MetaLlamaAttention, (3, 8, 32), {"wq", "wk", "wv", "wo"}, 0.1),
     "rotary_fx": (FxRotaryAttention, (3, 5, 32), {"wq", "wk", "wv", "wo"}, 0.1),
+    "transformer_encoder": (_encoder, (3, 6, 32), {"layers.0.linear1", "layers.1.linear2"}, 0.1),
+    "transformer_encoder_causal": (CausalEncoder, (6, 3, 32), {"enc.layers.0.linear1"}, 0.1),
+    "multihead_attention": (SelfAttention, (3, 6, 32), set(), 0.1),
 }
 
 
@@ -214,3 +250,12 @@ def test_complex_rotary_attention_is_split_by_heads(cls: type, shape: tuple, kin
     assert {m.path: m.style for m in plan.modules.values()} == {"wq": "column", "wk": "column", "wv": "column",
                                                                   "wo": "row"}
     assert plan.collective_counts() == {"bwd all_reduce": 1, "fwd all_reduce": 1}
+
+
+def test_transformer_encoder_shards_its_attention() -> None:
+    plan = tpshard.plan(_encoder(), 2, example_inputs=(torch.randn(2, 5, 32),))
+    for i in (0, 1):
+        assert plan.params[f"layers.{i}.self_attn.in_proj_weight"].dim == 0
+        assert plan.params[f"layers.{i}.self_attn.in_proj_weight"].segments == (32, 32, 32)
+        assert plan.params[f"layers.{i}.self_attn.out_proj.weight"].dim == 1
+    assert plan.collective_counts() == {"bwd all_reduce": 4, "fwd all_reduce": 4}

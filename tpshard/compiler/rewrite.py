@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from tpshard import comm
 from tpshard.compiler.capture import Captured
-from tpshard.compiler.ir import Op
+from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
 from tpshard.layers import vocab_parallel_lookup
 from tpshard.plan import Edit, Plan, PlanError
@@ -106,16 +106,26 @@ def _set_shape(node: fx.Node, op: Op, dim: int, size: int) -> None:
         node.kwargs = {**node.kwargs, pos: tuple(shape)}
         return
     args = list(node.args)
+    factor = shape_of(op.node)[dim] // size
+
+    def local(old: Any) -> Any:
+        # A symbolic size (batch x heads, as nn.MultiheadAttention views q) stays symbolic:
+        # divided in the graph, so other batch sizes still run.
+        if isinstance(old, fx.Node):
+            with node.graph.inserting_before(node):
+                return node.graph.call_function(operator.floordiv, (old, factor))
+        return size
+
     if kind == "tuple":
         shape = list(args[pos])
         if dim >= len(shape):
             raise PlanError(f"cannot rewrite the shape of {node.format_node()}")
-        shape[dim] = size
+        shape[dim] = local(shape[dim])
         args[pos] = type(args[pos])(shape)
     else:
         if pos + dim >= len(args):
             raise PlanError(f"cannot rewrite the shape of {node.format_node()}")
-        args[pos + dim] = size
+        args[pos + dim] = local(args[pos + dim])
     node.args = tuple(args)
 
 
