@@ -259,3 +259,103 @@ def test_transformer_encoder_shards_its_attention() -> None:
         assert plan.params[f"layers.{i}.self_attn.in_proj_weight"].segments == (32, 32, 32)
         assert plan.params[f"layers.{i}.self_attn.out_proj.weight"].dim == 1
     assert plan.collective_counts() == {"bwd all_reduce": 4, "fwd all_reduce": 4}
+
+
+# -- parameter products that are not nn.Linear --------------------------------------------------
+
+class EinsumAttention(nn.Module):
+    """q/k/v weights of shape (d, heads, head_dim) and an output weight (heads, head_dim, d),
+    applied by einsum (as in several JAX-ported and research code bases)."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        hd = d // heads
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, heads, hd) / d ** 0.5) for _ in range(3))
+        self.wo = nn.Parameter(torch.randn(heads, hd, d) / d ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (torch.einsum("btd,dhk->bhtk", x, w) for w in (self.wq, self.wk, self.wv))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + torch.einsum("bhtk,hkd->btd", y, self.wo)
+
+
+class MatmulMLP(nn.Module):
+    """x @ W with (in, out) parameters."""
+
+    def __init__(self, d: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(d, hidden) / d ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(hidden, d) / hidden ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(F.gelu(x @ self.w1), self.w2)
+
+
+class ConvMLP(nn.Module):
+    """1x1 convolutions as an MLP over channels (ConvNeXt / MobileNet style), 1-D and 2-D."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.up, self.down = nn.Conv2d(c, 64, 1), nn.Conv2d(64, c, 1)
+        self.up1, self.down1 = nn.Conv1d(c, 32, 1), nn.Conv1d(32, c, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x + self.down(F.gelu(self.up(x)))
+        y = x.flatten(2)
+        return y + self.down1(torch.relu(self.up1(y)))
+
+
+class ExportedConvMLP(ConvMLP):
+    """The same, where torch.fx cannot trace (a branch on a shape): aten.conv2d / conv1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.up.in_channels:
+            return super().forward(x)
+        return x.flatten(2)
+
+
+CASES.update({
+    "einsum_attention": (EinsumAttention, (3, 6, 32), {"einsum", "einsum_1", "einsum_2", "einsum_3"}, 0.1),
+    "matmul_mlp": (MatmulMLP, (3, 5, 16), {"matmul", "matmul_1"}, 0.1),
+    "conv_mlp": (ConvMLP, (3, 16, 4, 5), {"up", "down", "up1", "down1"}, 0.1),
+    "conv_mlp_export": (ExportedConvMLP, (3, 16, 4, 5), {"up", "down", "up1", "down1"}, 0.1),
+})
+
+
+# -- fused projections in grouped layouts --------------------------------------------------------
+
+class FalconAttention(nn.Module):
+    """Falcon's new decoder architecture: query_key_value fused as (kv groups, q per group + 2,
+    head_dim); k and v taken by a list index and broadcast to q's shape. Split by groups:
+    contiguous row blocks of the fused weight."""
+
+    def __init__(self, d: int = 32, heads: int = 8, kv: int = 4) -> None:
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv, d // heads
+        self.query_key_value = nn.Linear(d, (heads + 2 * kv) * self.hd)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, -1, self.h // self.kv + 2, self.hd)
+        q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
+        k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+        q, k, v = [y.flatten(2, 3).transpose(1, 2) for y in (q, k, v)]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.dense(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class ExportedFalconAttention(FalconAttention):
+    """The same through torch.export (a branch on a shape): aten.index with a constant index."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.dense.in_features:
+            return super().forward(x)
+        return x
+
+
+CASES.update({
+    "falcon_grouped_qkv": (FalconAttention, (3, 5, 32), {"query_key_value", "dense"}, 0.1),
+    "falcon_grouped_qkv_export": (ExportedFalconAttention, (3, 5, 32), {"query_key_value", "dense"}, 0.1),
+})

@@ -87,13 +87,13 @@ class _Trial:
         ov = self.planner.override(op)
         if ov not in (None, "row"):
             raise A.Fail(op, f"would be row-parallel, but the override says {ov!r}")
-        in_features = shape_of(op.tensors[0])[-1]
+        in_features = shape_of(op.tensors[0])[op.attrs.get("in_dim", -1)]
         if self.layouts.get(var) is None:
             A.check_segments(self, op, (in_features,), f"in_features of {_key(op)}")
             self.layouts.pin(var, (in_features,))
         A.check_segments(self, op, self.layouts.get(var), f"in_features of {_key(op)}")
         self.styles[op.name] = "row"
-        self._param(op, op.attrs["weight"], 0 if op.attrs.get("transposed") else 1, var)
+        self._param(op, op.attrs["weight"], op.attrs.get("w_in", 0 if op.attrs.get("transposed") else 1), var)
         if op.attrs["bias"]:
             self._param(op, op.attrs["bias"], None, None)
 
@@ -122,12 +122,12 @@ class _Trial:
                              f"({'replicated' if have is None else f'dim {have[0]}'})")
 
     def make_column(self, op: Op) -> None:
-        out_features = shape_of(op.node)[-1]
+        out_features = shape_of(op.node)[op.attrs.get("out_dim", -1)]
         A.check_segments(self, op, (out_features,), f"out_features of {_key(op)}")
         var = self.layouts.new(out_features)
         self.styles[op.name] = "column"
         self.column_vars[op.name] = var
-        self._param(op, op.attrs["weight"], 1 if op.attrs.get("transposed") else 0, var)
+        self._param(op, op.attrs["weight"], op.attrs.get("w_out", 1 if op.attrs.get("transposed") else 0), var)
         if op.attrs["bias"]:
             self._param(op, op.attrs["bias"], 0, var)
         self.push(op.node)
@@ -349,7 +349,7 @@ class _Planner:
         div = next((f for f in failures if f.divisibility), None)
         if ov in ("column", "column_no_gather"):
             raise PlanError(f"override {ov!r} for {_key(op)} cannot be honored: {first.args[0]}")
-        out_features = shape_of(op.node)[-1]
+        out_features = shape_of(op.node)[op.attrs.get("out_dim", -1)]
         if first.op is op and first.divisibility and out_features < self.world_size:
             # A gate Linear(d, 1), a 2-way classifier: no split exists at this world size.
             return self.replicate(op, f"kept whole: out_features {out_features} is smaller than the world size "

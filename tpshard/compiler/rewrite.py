@@ -47,9 +47,28 @@ GROUP_ATTR = "_tpshard_group"
 def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
     mp = plan.modules.get(path)
     style = mp.style if mp is not None else "replicate"
+    if style in SPLIT_STYLES and isinstance(orig, nn.modules.conv._ConvNd):  # a 1x1 convolution
+        return _local_conv(orig, path, style, plan, group)
     if style in SPLIT_STYLES:  # the layer without its collectives: they are graph nodes here
         return parallel_layer(orig, style, mp.segments, group, in_graph=True)
     return copy.deepcopy(orig)
+
+
+def _local_conv(orig: nn.Module, path: str, style: str, plan: Plan, group: comm.Group) -> nn.Module:
+    """This rank's 1x1 convolution: its shard of the weight (and of the bias, as a column); a
+    row keeps its bias as a parameter but does not add it (the reduce edit adds it once)."""
+    new = copy.deepcopy(orig)
+    for name, p in list(orig.named_parameters(recurse=False)):
+        local = plan.params[f"{path}.{name}"].shard(p.detach(), group.rank, group.size).clone()
+        setattr(new, name, nn.Parameter(local, requires_grad=p.requires_grad))
+    if style == "row":
+        cls = type(orig)
+        new.__class__ = type(f"Row{cls.__name__}", (cls,), {"forward": _conv_without_bias})
+    return new
+
+
+def _conv_without_bias(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return self._conv_forward(x, self.weight, None)
 
 
 def _build_attr(gm: fx.GraphModule, target: str, plan: Plan, group: comm.Group) -> Any:
@@ -106,6 +125,8 @@ def _set_shape(node: fx.Node, op: Op, dim: int, size: int) -> None:
         node.kwargs = {**node.kwargs, pos: tuple(shape)}
         return
     args = list(node.args)
+    if kind == "tuple" and isinstance(args[pos], fx.Node):
+        return  # the size tuple of a tensor (x.expand(q.shape)): computed from local values already
     factor = shape_of(op.node)[dim] // size
 
     def local(old: Any) -> Any:
@@ -177,6 +198,7 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
         raise PlanError(f"the plan is for world size {plan.world_size}, but the group has {g.size} ranks")
     gm = captured.gm
     ops = {op.node.name: op for op in captured.ops}
+    conv_biases = {op.attrs["bias"] for op in captured.ops if op.kind == "linear" and op.attrs.get("conv")}
     nodes = {n.name: n for n in gm.graph.nodes}
     for e in plan.edits:
         if e.node not in nodes or any(u not in nodes for u in e.users):
@@ -236,6 +258,9 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
                     term = lookup_edge(nodes[term_node], nodes[add])  # as that add saw it (maybe reduced)
                 else:
                     term = graph.get_attr(b)
+                    if b in conv_biases:  # a convolution's bias is per channel (dim 1): (C, 1, ..., 1)
+                        trailing = (1,) * (len(shape_of(src)) - 2)
+                        term = graph.call_method("view", (term, (-1, *trailing)))
                 out = graph.call_function(operator.add, (out, term))
         elif e.kind == "copy":
             out = graph.call_function(comm.mp_copy, (value, group_node()))
