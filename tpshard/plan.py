@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,8 +256,20 @@ class Plan:
         if self.overrides:
             lines.append("overrides: " + ", ".join(f"{k}={v}" for k, v in self.overrides.items()))
         lines.extend(self.notes)
+        lines.extend(self._kept_whole_lines(full))
         lines.extend(self._attribute_lines())
         return "\n".join(lines)
+
+    def _kept_whole_lines(self, full: int) -> list[str]:
+        """"why not sharded" for every linear or embedding kept whole with over 1% of the parameters."""
+        lines = []
+        for path, m in self.modules.items():
+            if m.style != "replicate" or m.kind not in ("linear", "embedding"):
+                continue
+            n = sum(math.prod(self.params[x].shape) for x in m.params if x in self.params)
+            if n * 100 > full:
+                lines.append(f"why not sharded: {path} ({100 * n / max(full, 1):.1f}% of parameters): {m.reason}")
+        return lines
 
     def _attribute_lines(self) -> list[str]:
         """In-place mode's attribute changes, one line per (attribute, old, new)."""

@@ -86,8 +86,11 @@ def _linear(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     (x,) = ins
     style = d.linear_style(op)
     in_nd = len(shape_of(op.tensors[0]))
+    out_nd = len(shape_of(op.node))
+    # in_dim / out_dim: the contracted input dim and the output dim a column split splits (the
+    # features; the channels of a 1x1 convolution; a label of an einsum with a parameter).
     if isinstance(x, Split):
-        if x.dim != in_nd - 1:
+        if x.dim != op.attrs.get("in_dim", -1) % in_nd:
             raise Fail(op, f"input split on dim {x.dim}, not on the features this linear contracts")
         if style is None:
             d.make_row(op, x.var)
@@ -98,8 +101,7 @@ def _linear(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     if style == "row":
         raise Fail(op, "planned as row-parallel but its input is not split on the features")
     if style == "column":
-        out_nd = len(shape_of(op.node))
-        return Split(out_nd - 1, d.column_var(op)), [REPLICATED]
+        return Split(op.attrs.get("out_dim", -1) % out_nd, d.column_var(op)), [REPLICATED]
     return REPLICATED, [REPLICATED]
 
 

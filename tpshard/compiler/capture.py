@@ -40,11 +40,18 @@ class CaptureError(RuntimeError):
 
 
 class _Tracer(fx.Tracer):
-    """torch.nn layers are leaves (the default rule); remembers where tracing failed."""
+    """torch.nn layers without sublayers are leaves; remembers where tracing failed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A torch.nn layer made of other layers (nn.TransformerEncoder, nn.MultiheadAttention)
+        # is traced through: as a leaf it would be one opaque call that no rule can split.
+        if next(iter(m.children()), None) is not None:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:

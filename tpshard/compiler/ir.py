@@ -50,6 +50,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tpshard.compiler.ir_ops import conv_linear, einsum_linear, is_pointwise_conv
+
 __all__ = ["Op", "describe_fx", "shape_of", "owner", "plan_key"]
 
 
@@ -196,8 +198,8 @@ def _dims_for_index(node: fx.Node, index: Any) -> Op | None:
                 d += 1
         elif i is None:
             mapping.append(None)
-        elif isinstance(i, slice):
-            if not (i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
+        elif isinstance(i, (slice, list)):  # a list of indices keeps the dim, cut (Falcon's [-2])
+            if isinstance(i, list) or not (i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
                 slices.append(d)
             mapping.append(d)
             d += 1
@@ -222,6 +224,9 @@ def _dims_op(node: fx.Node, kind: str, src: fx.Node, args: tuple) -> Op | None:
         return Op(node, "dims", [src], {"map": [_norm_dim(int(x), ndim) for x in dims], "slices": []})
     if kind == "t":
         return Op(node, "dims", [src], {"map": list(reversed(range(ndim))), "slices": []})
+    if kind in ("view_as_complex", "view_as_real"):  # (..., n, 2) real <-> (..., n) complex
+        return Op(node, "dims", [src], {"map": list(range(ndim - 1)) if kind == "view_as_complex"
+                                        else [*range(ndim), None], "slices": []})
     if kind == "unsqueeze":
         d = _norm_dim(int(args[0]), ndim + 1)
         m = list(range(ndim))
@@ -270,6 +275,9 @@ def _describe_module(node: fx.Node, mod: nn.Module) -> Op:
     if isinstance(mod, nn.Linear):
         bias = f"{path}.bias" if mod.bias is not None else None
         return Op(node, "linear", [src], {"weight": f"{path}.weight", "bias": bias, "transposed": False}, path)
+    if is_pointwise_conv(mod):
+        return Op(node, "linear", [src], conv_linear(f"{path}.weight", f"{path}.bias" if mod.bias is not None else None),
+                  path)
     if isinstance(mod, nn.Embedding):
         return Op(node, "embedding", [src], {"weight": f"{path}.weight", "padding_idx": mod.padding_idx}, path)
     if isinstance(mod, _UNARY_MODULES):
@@ -302,7 +310,8 @@ def _describe_method(node: fx.Node) -> Op:
             where = ("varargs", 1)
         return Op(node, "view", [src], {"shape_arg": where})
     if name in ("flatten", "unflatten", "view_as", "reshape_as"):
-        return Op(node, "view", _tensor_args(node.args)[:1], {"shape_arg": None})
+        return Op(node, "view", _tensor_args(node.args)[:1], {"shape_arg": ("unflatten", 1, 2) if name == "unflatten"
+                                                                   and len(node.args) == 3 else None})
     if name in ("transpose", "permute", "t", "unsqueeze", "swapaxes"):
         return _dims_op(node, name, src, rest) or _opaque(node, f"method .{name}()")
     if name == "squeeze":
@@ -328,7 +337,7 @@ def _describe_method(node: fx.Node) -> Op:
     if name in ("sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp"):
         return _reduce(node, src, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
     if name in _UNARY_METHODS:
-        ins = [src] + [a for a in _tensor_args(rest)]
+        ins = [src] + ([] if name == "type_as" else _tensor_args(rest))  # type_as: the other gives a dtype only
         linear_in = {0} if name in ("contiguous", "clone", "float", "double", "half", "bfloat16", "to",
                                      "type", "type_as", "cpu", "cuda") else set()
         return Op(node, "pointwise", ins, {"fn": name, "linear_in": linear_in})
@@ -370,8 +379,17 @@ def _describe_function(node: fx.Node) -> Op:
             return Op(node, "embedding", [args[0]], {"weight": w.target, "padding_idx": _arg(node, 2, "padding_idx")},
                       owner(w.target))
         return _opaque(node, "F.embedding with a computed weight")
+    if fn in (torch.matmul, operator.matmul, torch.mm) and len(args) == 2 and _param_name(args[1]) \
+            and _ndim(args[1]) == 2:  # x @ W, W stored (in, out)
+        return Op(node, "linear", [args[0]], {"weight": args[1].target, "bias": None, "transposed": True},
+                  owner(args[1].target))
     if fn in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
         return Op(node, "matmul", _tensor_args(args))
+    if fn is torch.einsum and args:
+        ops_ = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        found = einsum_linear(args[0], ops_, _param_name, _ndim)
+        if found is not None:
+            return Op(node, "linear", [found[0]], found[1], owner(found[1]["weight"]))
     if fn is F.scaled_dot_product_attention:
         q, k, v = args[:3]
         mask = _arg(node, 3, "attn_mask")
@@ -386,11 +404,15 @@ def _describe_function(node: fx.Node) -> Op:
     if fn in (torch.split, torch.chunk, torch.unbind, torch.tensor_split):
         name = {torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind", torch.tensor_split: "tensor_split"}[fn]
         return _split(node, name, args[0], args[1:], node.kwargs)
+    if fn is torch.broadcast_to:  # the shape: a literal, or the size tuple of a (local) tensor
+        return Op(node, "expand", [args[0]], {"shape_arg": ("tuple", 1)})
     if fn in (torch.reshape,):
         return Op(node, "view", [args[0]], {"shape_arg": ("tuple", 1)})
     if fn in (torch.flatten, torch.unflatten):
-        return Op(node, "view", [args[0]], {"shape_arg": None})
-    if fn in (torch.transpose, torch.permute, torch.t, torch.unsqueeze, torch.swapaxes):
+        unflat = fn is torch.unflatten and len(args) == 3
+        return Op(node, "view", [args[0]], {"shape_arg": ("unflatten", 1, 2) if unflat else None})
+    if fn in (torch.transpose, torch.permute, torch.t, torch.unsqueeze, torch.swapaxes, torch.view_as_complex,
+              torch.view_as_real):
         return _dims_op(node, fn.__name__, args[0], args[1:]) or _opaque(node, fn.__name__)
     if fn is torch.squeeze:
         return _squeeze(node, args[0], args[1:])
@@ -416,6 +438,10 @@ def _describe_function(node: fx.Node) -> Op:
     if not _tensor_args((args, node.kwargs)) or shape_of(node) is None:
         return Op(node, "input")  # arithmetic on Python numbers and sizes
     return _opaque(node, f"function {getattr(fn, '__qualname__', fn)}")
+
+
+def _param_name(a: Any) -> str | None:
+    return a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None
 
 
 def _opaque(node: fx.Node, why: str) -> Op:

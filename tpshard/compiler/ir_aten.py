@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpshard.compiler.ir import Op, _norm_dim, module_of, shape_of
+from tpshard.compiler.ir import Op, _dims_op, _norm_dim, module_of, shape_of
+from tpshard.compiler.ir_ops import conv_linear, einsum_linear
 
 __all__ = ["describe_aten"]
 
@@ -101,13 +102,29 @@ def _describe(node: fx.Node, params: set[str]) -> Op:
         return Op(node, "linear", [a[1]], {"weight": a[2].target, "bias": a[0].target, "transposed": True})
     if p in (aten.mm, aten.matmul) and _is_param(a[1], params) and _ndim(a[1]) == 2:
         return Op(node, "linear", [a[0]], {"weight": a[1].target, "bias": None, "transposed": True})
+    if p is aten.einsum:
+        found = einsum_linear(a[0], list(a[1]), lambda o: o.target if _is_param(o, params) else None, _ndim)
+        if found is not None:
+            return Op(node, "linear", [found[0]], found[1])
+    if p in (aten.conv1d, aten.conv2d, aten.conv3d) and _is_param(a[1], params) and _pointwise_conv(node, a):
+        b = a[2] if len(a) > 2 else None
+        if b is None or _is_param(b, params):
+            return Op(node, "linear", [a[0]], conv_linear(a[1].target, b.target if b is not None else None))
     if p is aten.embedding and _is_param(a[0], params):
         pad = a[2] if len(a) > 2 else -1
         return Op(node, "embedding", [a[1]], {"weight": a[0].target, "padding_idx": None if pad == -1 else pad})
     # -- shapes ----------------------------------------------------------------------------------
     if t in _VIEWS:
         return Op(node, "view", [a[0]], {"shape_arg": ("tuple", 1)})
-    if p is aten.expand:
+    if p is aten.flatten:  # the merged dim follows the input: no literal to rewrite
+        return Op(node, "view", [a[0]], {"shape_arg": None})
+    if p is aten.unflatten:  # unflatten(x, dim, sizes): the split factor's literal is divided
+        return Op(node, "view", [a[0]], {"shape_arg": ("unflatten", 1, 2)})
+    if p in (aten.view_as_complex, aten.view_as_real):
+        return _dims_op(node, p.__name__, a[0], ())
+    if p is aten.type_as:  # the other operand gives only a dtype: no value, no gradient flows to it
+        return Op(node, "pointwise", [a[0]], {"fn": "type_as", "linear_in": {0}})
+    if p is aten.expand or p is getattr(aten, "broadcast_to", None):
         return Op(node, "expand", [a[0]], {"shape_arg": ("tuple", 1)})
     if p in (aten.transpose, aten.permute, aten.t, aten.unsqueeze, aten.squeeze, aten.slice, aten.select,
              aten.narrow):
@@ -116,6 +133,9 @@ def _describe(node: fx.Node, params: set[str]) -> Op:
         return _split(node, p, a)
     if p in (aten.cat, aten.stack):
         return Op(node, "cat" if p is aten.cat else "stack", list(a[0]), {"dim": a[1] if len(a) > 1 else 0})
+    if p is aten.index and _constant_index(a):  # x[:, :, [-2]]: the dim stays, cut
+        d = next(i for i, ix in enumerate(a[1]) if ix is not None)
+        return Op(node, "dims", [a[0]], {"map": list(range(_ndim(a[0]))), "slices": [d]})
     if p is aten.sym_size:
         return Op(node, "size", [a[0]], {"dim": a[1]})
     # -- compute ---------------------------------------------------------------------------------
@@ -156,6 +176,26 @@ def _describe(node: fx.Node, params: set[str]) -> Op:
     if not _tensors((a, node.kwargs)):
         return Op(node, "input")
     return Op(node, "opaque", _tensors((a, node.kwargs)), {"why": f"aten op {t}"})
+
+
+def _constant_index(a: tuple) -> bool:
+    """One 1-D constant index tensor (a lifted literal list), the other dims whole."""
+    idx = [ix for ix in a[1] if ix is not None] if len(a) > 1 and isinstance(a[1], (list, tuple)) else []
+    if len(idx) != 1 or not isinstance(idx[0], fx.Node) or _ndim(idx[0]) != 1:
+        return False
+    n = idx[0]
+    if n.target is aten.lift_fresh_copy.default:
+        n = n.args[0]
+    return isinstance(n, fx.Node) and n.op == "get_attr"
+
+
+def _pointwise_conv(node: fx.Node, a: tuple) -> bool:
+    """conv(x, W, b, stride=1, padding=0, dilation=1, groups=1) with a 1x1 kernel."""
+    w = shape_of(a[1])
+    rest = list(a[3:]) + [None] * 4
+    stride, padding, _, groups = rest[:4]
+    ones = lambda v, k: v is None or all(x == k for x in (v if isinstance(v, (list, tuple)) else [v]))  # noqa: E731
+    return all(s == 1 for s in w[2:]) and ones(stride, 1) and ones(padding, 0) and groups in (None, 1)
 
 
 def _dims(node: fx.Node, p: Any, a: tuple) -> Op:

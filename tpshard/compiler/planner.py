@@ -58,10 +58,10 @@ class _State:
 class _Trial:
     """One attempt to grow a region from a seed. Implements analysis.Decider."""
 
-    def __init__(self, planner: "_Planner", decisions: dict[str, int]) -> None:
+    def __init__(self, planner: "_Planner", decisions: dict[str, int], world_size: int | None = None) -> None:
         base = planner.state
         self.planner = planner
-        self.world_size = planner.world_size
+        self.world_size = world_size or planner.world_size
         self.place = ChainMap({}, base.place)
         self.styles = ChainMap({}, base.styles)
         self.params = ChainMap({}, base.params)
@@ -87,13 +87,13 @@ class _Trial:
         ov = self.planner.override(op)
         if ov not in (None, "row"):
             raise A.Fail(op, f"would be row-parallel, but the override says {ov!r}")
-        in_features = shape_of(op.tensors[0])[-1]
+        in_features = shape_of(op.tensors[0])[op.attrs.get("in_dim", -1)]
         if self.layouts.get(var) is None:
             A.check_segments(self, op, (in_features,), f"in_features of {_key(op)}")
             self.layouts.pin(var, (in_features,))
         A.check_segments(self, op, self.layouts.get(var), f"in_features of {_key(op)}")
         self.styles[op.name] = "row"
-        self._param(op, op.attrs["weight"], 0 if op.attrs.get("transposed") else 1, var)
+        self._param(op, op.attrs["weight"], op.attrs.get("w_in", 0 if op.attrs.get("transposed") else 1), var)
         if op.attrs["bias"]:
             self._param(op, op.attrs["bias"], None, None)
 
@@ -122,12 +122,12 @@ class _Trial:
                              f"({'replicated' if have is None else f'dim {have[0]}'})")
 
     def make_column(self, op: Op) -> None:
-        out_features = shape_of(op.node)[-1]
+        out_features = shape_of(op.node)[op.attrs.get("out_dim", -1)]
         A.check_segments(self, op, (out_features,), f"out_features of {_key(op)}")
         var = self.layouts.new(out_features)
         self.styles[op.name] = "column"
         self.column_vars[op.name] = var
-        self._param(op, op.attrs["weight"], 1 if op.attrs.get("transposed") else 0, var)
+        self._param(op, op.attrs["weight"], op.attrs.get("w_out", 1 if op.attrs.get("transposed") else 0), var)
         if op.attrs["bias"]:
             self._param(op, op.attrs["bias"], 0, var)
         self.push(op.node)
@@ -266,11 +266,13 @@ class _Planner:
                 raise PlanError(f"override {pattern!r} matches no linear or embedding in the model")
         return self.replay()
 
-    def attempt(self, seed: Op, start: Any) -> tuple[_Trial | None, list[A.Fail]]:
+    def attempt(self, seed: Op, start: Any, world_size: int | None = None) -> tuple[_Trial | None, list[A.Fail]]:
+        """Grow a region from ``seed``, backtracking over the trials' choices. ``world_size=1``
+        is a probe: which failures are structural, whatever the sizes."""
         decisions: dict[str, int] = {}
         failures: list[A.Fail] = []
         for _ in range(_MAX_TRIES):
-            trial = _Trial(self, decisions)
+            trial = _Trial(self, decisions, world_size)
             try:
                 start(trial)
                 trial.propagate()
@@ -347,10 +349,23 @@ class _Planner:
         div = next((f for f in failures if f.divisibility), None)
         if ov in ("column", "column_no_gather"):
             raise PlanError(f"override {ov!r} for {_key(op)} cannot be honored: {first.args[0]}")
+        out_features = shape_of(op.node)[op.attrs.get("out_dim", -1)]
+        if first.op is op and first.divisibility and out_features < self.world_size:
+            # A gate Linear(d, 1), a 2-way classifier: no split exists at this world size.
+            return self.replicate(op, f"kept whole: out_features {out_features} is smaller than the world size "
+                                      f"{self.world_size}")
         if div is not None and self._joins_split(op):
             # Joins a split region (grouped-query k/v with fewer heads than ranks): kept whole,
             # which is exact; each rank slices the heads its region needs.
             return self.replicate(op, f"kept whole, sliced where it meets the split heads: {div.reason}")
+        if div is not None:
+            # Is a size the real blocker? Probe with every size divisible (one rank): when the
+            # region fails even then, a missing rule blocks it, and that is what the plan says.
+            probe, structural = self.attempt(op, lambda t: t.make_column(op), world_size=1)
+            if probe is None:
+                real = structural[0]
+                return self.replicate(op, f"kept whole: {real.reason} (at node {real.op.name!r}, module "
+                                          f"{real.op.module or '<root>'!r})")
         if div is not None and self._feeds_another_linear(op):
             raise PlanError(
                 f"{_key(op)}: {div.reason} (at node {div.op.name!r}, module {div.op.module or '<root>'!r}). "

@@ -81,8 +81,10 @@ def _grad_nodes(ops: list[Op], param_names: Any) -> set[fx.Node]:
                 out.add(n)
         elif n.op == "call_module" and op.kind in ("linear", "embedding", "norm", "opaque"):
             out.add(n)
-        elif any(a in out for a in n.all_input_nodes) and not _integral(n):
-            out.add(n)  # (a boolean mask or integer index computed from a float value carries no gradient)
+        elif any(a in out and shape_of(a) is not None for a in n.all_input_nodes) and not _integral(n):
+            # through tensors only: a size (a sym_size of the input) carries no gradient, and neither
+            # does a boolean mask or an integer index computed from a float value
+            out.add(n)
     return out
 
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from tpshard import comm
 from tpshard.compiler.capture import Captured
-from tpshard.compiler.ir import Op
+from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.sequence import full_size
 from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
 from tpshard.layers import vocab_parallel_lookup
@@ -48,9 +48,28 @@ GROUP_ATTR = "_tpshard_group"
 def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
     mp = plan.modules.get(path)
     style = mp.style if mp is not None else "replicate"
+    if style in SPLIT_STYLES and isinstance(orig, nn.modules.conv._ConvNd):  # a 1x1 convolution
+        return _local_conv(orig, path, style, plan, group)
     if style in SPLIT_STYLES:  # the layer without its collectives: they are graph nodes here
         return parallel_layer(orig, style, mp.segments, group, in_graph=True)
     return copy.deepcopy(orig)
+
+
+def _local_conv(orig: nn.Module, path: str, style: str, plan: Plan, group: comm.Group) -> nn.Module:
+    """This rank's 1x1 convolution: its shard of the weight (and of the bias, as a column); a
+    row keeps its bias as a parameter but does not add it (the reduce edit adds it once)."""
+    new = copy.deepcopy(orig)
+    for name, p in list(orig.named_parameters(recurse=False)):
+        local = plan.params[f"{path}.{name}"].shard(p.detach(), group.rank, group.size).clone()
+        setattr(new, name, nn.Parameter(local, requires_grad=p.requires_grad))
+    if style == "row":
+        cls = type(orig)
+        new.__class__ = type(f"Row{cls.__name__}", (cls,), {"forward": _conv_without_bias})
+    return new
+
+
+def _conv_without_bias(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return self._conv_forward(x, self.weight, None)
 
 
 def _build_attr(gm: fx.GraphModule, target: str, plan: Plan, group: comm.Group) -> Any:
@@ -90,23 +109,45 @@ def _set_shape(node: fx.Node, op: Op, dim: int, size: int) -> None:
     where = op.attrs.get("shape_arg")
     if where is None:
         raise PlanError(f"cannot rewrite the shape of {node.format_node()}: its shape argument is not literal")
-    kind, pos = where
+    kind, pos = where[:2]
+    if kind == "unflatten":  # unflatten(x, dim, sizes): only a dim among the sizes has a literal
+        args = list(node.args)
+        src = args[0]
+        udim = args[pos] % (len(src.meta["tensor_meta"].shape if "tensor_meta" in src.meta else src.meta["val"].shape))
+        sizes = list(args[where[2]])
+        if 0 <= dim - udim < len(sizes):
+            sizes[dim - udim] = size
+            args[where[2]] = type(args[where[2]])(sizes)
+            node.args = tuple(args)
+        return
     if kind == "kw":
         shape = list(node.kwargs[pos])
         shape[dim] = size
         node.kwargs = {**node.kwargs, pos: tuple(shape)}
         return
     args = list(node.args)
+    if kind == "tuple" and isinstance(args[pos], fx.Node):
+        return  # the size tuple of a tensor (x.expand(q.shape)): computed from local values already
+    factor = shape_of(op.node)[dim] // size
+
+    def local(old: Any) -> Any:
+        # A symbolic size (batch x heads, as nn.MultiheadAttention views q) stays symbolic:
+        # divided in the graph, so other batch sizes still run.
+        if isinstance(old, fx.Node):
+            with node.graph.inserting_before(node):
+                return node.graph.call_function(operator.floordiv, (old, factor))
+        return size
+
     if kind == "tuple":
         shape = list(args[pos])
         if dim >= len(shape):
             raise PlanError(f"cannot rewrite the shape of {node.format_node()}")
-        shape[dim] = size
+        shape[dim] = local(shape[dim])
         args[pos] = type(args[pos])(shape)
     else:
         if pos + dim >= len(args):
             raise PlanError(f"cannot rewrite the shape of {node.format_node()}")
-        args[pos + dim] = size
+        args[pos + dim] = local(args[pos + dim])
     node.args = tuple(args)
 
 
@@ -158,6 +199,7 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
         raise PlanError(f"the plan is for world size {plan.world_size}, but the group has {g.size} ranks")
     gm = captured.gm
     ops = {op.node.name: op for op in captured.ops}
+    conv_biases = {op.attrs["bias"] for op in captured.ops if op.kind == "linear" and op.attrs.get("conv")}
     nodes = {n.name: n for n in gm.graph.nodes}
     for e in plan.edits:
         if e.node not in nodes or any(u not in nodes for u in e.users):
@@ -224,6 +266,9 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
                     term = graph.get_attr(b)
                     if e.kind == "reduce_scatter":  # a row bias added on sequence shards: partial gradient
                         term = graph.call_function(comm.mp_copy, (term, group_node()))
+                    if b in conv_biases:  # a convolution's bias is per channel (dim 1): (C, 1, ..., 1)
+                        trailing = (1,) * (len(shape_of(src)) - 2)
+                        term = graph.call_method("view", (term, (-1, *trailing)))
                 out = graph.call_function(operator.add, (out, term))
         elif e.kind == "copy":
             out = graph.call_function(comm.mp_copy, (value, group_node()))
