@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
