@@ -47,3 +47,19 @@ def assert_equivalent(model: nn.Module | str, world_size: int, **kwargs: Any) ->
         where = f" at {report.first_divergence!r}" if report.first_divergence else ""
         raise AssertionError(f"the sharded model differs from the original{where}\n{report}")
     return report
+
+
+def _scale_all_reduce(delta: float, rank: int, world_size: int, sharded: nn.Module) -> None:
+    """A defect injected from outside tpshard, to test the verifier itself: in this rank,
+    every all-reduce of :mod:`tpshard.comm` (forward and backward) returns its result times
+    ``1 + delta``. Runs as ``tpshard.verify._verify(..., _tamper=functools.partial(
+    _scale_all_reduce, delta))``, in each rank right after parallelize (module level, so that
+    spawned CUDA ranks can unpickle it)."""
+    from tpshard import comm
+
+    exact = comm._all_reduce
+
+    def scaled(x: Any, group: Any) -> Any:
+        return exact(x, group) * (1 + delta)
+
+    comm._all_reduce = scaled

@@ -78,8 +78,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="allow a torch.save(model) file as MODEL (unpickling runs arbitrary code)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float64", help="float64 (default), float32, bfloat16 or float16")
-    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: per dtype)")
-    p.add_argument("--atol", type=float, default=None, help="absolute tolerance floor (default: per dtype)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="fixed relative tolerance, atol + rtol * max|reference| (default: each tensor's tolerance "
+                        "derived from the rounding noise of the unsharded model)")
+    p.add_argument("--atol", type=float, default=None, help="fixed absolute tolerance (see --rtol)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the ranks (default: 300)")
     p.add_argument("--no-backward", action="store_true", help="compare the forward only")
     p.add_argument("--no-step", action="store_true", help="skip the optimizer step comparison")

@@ -21,10 +21,15 @@ vocabulary partial sums added up, plus the row bias) and the first module that d
 Collectives are counted with torch's ``CommDebugMode``, per kind, with bytes, forward and
 backward.
 
-Tolerances (``tol = atol + rtol * max|reference|`` per tensor) default per dtype
-(:data:`DEFAULT_TOLERANCES`): float64 is exact to 1e-10 relative; float32 (1e-4) and
-bfloat16 (0.2) are relative to each tensor's magnitude and come from measurements of what
-sharding does to the reference models (the reduction order changes), with margin.
+Every tensor is compared with the original run in float64 (from the tested dtype's weights
+and inputs), to a tolerance derived from the rounding noise the *unsharded* model makes in
+that tensor: its own error when run in the tested dtype (for float64: in float32, scaled by
+the ratio of unit roundoffs), and how far the tensor moves when every operation's result is
+rounded at random to the dtype's unit roundoff (Monte Carlo arithmetic on the float64 run),
+times a per-dtype margin (:func:`tpshard.verify_compare.noise_tolerance`,
+:data:`DEFAULT_TOLERANCES`). So a near-zero sum of large terms gets the tolerance of the terms,
+and a defect well above the dtype's noise fails. ``rtol``/``atol`` replace it with a fixed
+``atol + rtol * max|reference|``.
 
 Dropout active in training mode cannot match (the ranks and the original draw different masks),
 so :func:`verify` puts such a model in eval mode and says so in ``report.notes``; with
@@ -47,7 +52,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -57,12 +64,14 @@ import torch.nn as nn
 from tpshard.compiler import capture, make_plan
 from tpshard.models.resolve import resolve_model
 from tpshard.plan import Plan, PlanError
-from tpshard.verify.compare import _comparisons, default_tolerance, parse_dtype
+from tpshard.verify.compare import (Tolerances, _keep_overflow, _RoundingModel, default_tolerance,
+                                    map_tensors, parse_dtype)
 from tpshard.verify.launch import run_ranks
 from tpshard.verify.localize import _fallback_divergence, _localize, _Recorder
 from tpshard.verify.model import _Job, _named_tensors, _Source, _source_for, active_dropout
 from tpshard.verify.ranks import _convert, _fresh, _output_shapes, _rank_main, _run_step
 from tpshard.verify.report import VerifyReport
+from tpshard.verify.step import _comparisons
 
 __all__ = ["verify"]
 
@@ -91,7 +100,9 @@ def verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = (),
             hand-edited plan is verified as it is.
         backward, optimizer_step: also compare input/parameter gradients, and parameters after
             one SGD step (lr 0.1, momentum 0.9).
-        rtol, atol: tolerances (default :func:`default_tolerance` of ``dtype``).
+        rtol, atol: fixed tolerances, ``atol + rtol * max|reference|`` for every tensor
+            (default: each tensor's tolerance derived from the rounding noise of the unsharded
+            model, see :func:`tpshard.verify_compare.noise_tolerance`).
         timeout: seconds for the ranks; a hung or dead rank fails the call within it.
         keep_dropout: keep dropout active in training mode (default: switch to eval, with a note).
         overrides: module path pattern -> style, as in :func:`tpshard.plan` (ignored with ``plan``).
@@ -154,9 +165,8 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
         raise ValueError(f"world_size must be at least 1, not {world_size}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
-    default_rtol, default_atol = default_tolerance(dtype)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
+    default_tolerance(dtype)  # a dtype with a tolerance, before any rank starts
+    derive = rtol is None and atol is None
 
     # Phase 1: a private copy of the model in `dtype`, its inputs, dropout, the plan.
     label, spec, work, args, kwargs = _prepare(model, dtype, example_inputs, example_kwargs)
@@ -189,25 +199,33 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
     ranks = run_ranks(_rank_main, world_size, job, timeout=timeout, device=device,
                       start_method="spawn" if spawn else "fork")
 
-    # Phase 3: the original, after the ranks (no OpenMP state is forked), hooked at the same modules.
+    # Phase 3: the original, after the ranks (no OpenMP state is forked), hooked at the same
+    # modules: in float64 (the truth), in the tested dtype, and under the rounding model.
     ref_device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
     work.to(ref_device)
     paths = list(dict.fromkeys(rec[1] for rec in ranks[0]["modules"]))
-    recorder = _Recorder(work, paths, lambda m: ("full",)) if localize else None
-    rng_devices = [ref_device.index or 0] if ref_device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):  # the caller's random state is left as it was
-        ref = _run_step(work, job, ref_device, recorder, False, lambda name, t: None)
+    truth, runs, samples = _reference_steps(work, job, ref_device, paths if localize else None, derive)
+    if dtype != torch.float64:
+        _keep_overflow(truth, runs[0])
 
     # Phase 4: compare, then localize a mismatch.
     report = VerifyReport(model=label, world_size=world_size, device=device, dtype=str(dtype).removeprefix("torch."),
                           backend=backend, notes=notes, plan=plan)
-    report.comparisons = _comparisons(ranks, ref, job, rtol, atol, report.notes)
+    if derive:
+        tols = Tolerances.derive(dtype, truth, runs, samples, run_dtype=_run_dtype(dtype))
+        spec = default_tolerance(dtype)
+        report.tolerance = {"derived": True, "margin": spec.margin, "unit_roundoff": spec.unit_roundoff,
+                            "runs": len(runs), "run_dtype": str(_run_dtype(dtype)).removeprefix("torch."),
+                            "samples": len(samples)}
+    else:
+        tols = Tolerances.fixed(dtype, rtol or 0.0, atol or 0.0)
+        report.tolerance = {"derived": False, "rtol": rtol or 0.0, "atol": atol or 0.0}
+    report.comparisons = _comparisons(ranks, truth, job, tols, report.notes)
     report.collectives = {"forward": ranks[0]["collectives"].get("forward", {}),
                           "backward": ranks[0].get("backward_collectives", {})}
     if not report.ok and localize:
-        ref_records = recorder.records if recorder is not None else []
         report.modules, report.first_divergence, report.divergence = _localize(
-            [r["modules"] for r in ranks], ref_records, plan, rtol, atol)
+            [r["modules"] for r in ranks], truth.get("modules", []), plan, tols=tols)
         if report.first_divergence is None:
             report.first_divergence, report.divergence = _fallback_divergence(report, paths)
         if report.first_divergence is None and report.modules:
@@ -217,3 +235,84 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
             report.divergence = "dropout is active in training mode; " + (report.divergence or "outputs differ")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+#: Runs of the unsharded model in the noise dtype (the first exact, the others with every
+#: floating parameter and input moved by up to one unit roundoff: new rounding everywhere) and
+#: draws of the rounding model in float64, per verification. A tensor of a few elements (a
+#: scalar) errs by a different amount in each realization, so one run alone can understate its
+#: noise: of two equal noises one is 4x the other in 16% of draws.
+_RUNS, _SAMPLES = 4, 2
+
+
+def _run_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the unsharded runs whose error is the noise floor: the tested dtype, or
+    float32 for float64 (its error scaled by the ratio of unit roundoffs: rounding errors are
+    proportional to the unit roundoff, and a float32 run sees the real kernels' rounding, e.g.
+    a LayerNorm's mean, which shifts every output of a row alike)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def _jitter(obj: Any, dtype: torch.dtype, gen: torch.Generator) -> Any:
+    """Every floating tensor of ``obj`` (a module's parameters, or inputs) times ``1 + u * s``,
+    ``s`` uniform in [-1, 1], rounded to ``dtype``: a new rounding realization downstream.
+    Buffers (masks, rotary tables) are constants of the model and are left alone."""
+    u = default_tolerance(dtype).unit_roundoff
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        s = torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.device) * 2 - 1
+        return (t.detach().to(torch.float64) * (1 + u * s)).to(t.dtype)
+
+    if isinstance(obj, nn.Module):
+        with torch.no_grad():
+            for t in obj.parameters():
+                if t.is_floating_point():
+                    t.copy_(move(t))
+        return obj
+    return map_tensors(obj, lambda t: move(t) if t.is_floating_point() else t)
+
+
+def _reference_steps(work: nn.Module, job: _Job, device: torch.device, paths: list[str] | None, derive: bool
+                     ) -> tuple[dict, list[dict], list[dict]]:
+    """The original's training step: (truth, runs, samples).
+
+    ``truth`` is the step in float64 (for a lower ``job.dtype``, from its rounded weights and
+    inputs, widened: the same function); ``runs`` the step in :func:`_run_dtype`, exact and
+    :data:`_RUNS` - 1 times jittered (:func:`_jitter`; for float64 none unless ``derive``;
+    only the exact one unless ``derive``); ``samples`` the float64 step under
+    :class:`_RoundingModel`, :data:`_SAMPLES` draws (none unless ``derive``). Every step
+    records the module outputs at ``paths`` (under ``"modules"``) when given; ``work`` ends in
+    the state of its own step.
+    """
+    wide = job.dtype == torch.float64
+    pristine = copy.deepcopy(work).to(torch.float64) if (derive or not wide) else None  # before any step
+
+    def retyped(dtype: torch.dtype, gen: torch.Generator | None = None) -> _Job:
+        def conv(x: Any) -> Any:
+            x = _convert(x, dtype)
+            return x if gen is None else _jitter(x, dtype, gen)
+
+        return dataclasses.replace(job, dtype=dtype, args=conv(job.args), kwargs=conv(job.kwargs),
+                                   fresh_args=conv(job.fresh_args), fresh_kwargs=conv(job.fresh_kwargs))
+
+    def step(model: nn.Module, j: _Job, mode: Any = None) -> dict:
+        recorder = _Recorder(model, paths, lambda m: ("full",)) if paths is not None else None
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), (mode or contextlib.nullcontext()):
+            # the caller's random state is left as it was
+            result = _run_step(model, j, device, recorder, False, lambda name, t: None)
+        result["modules"] = recorder.records if recorder is not None else []
+        return result
+
+    noisy = _run_dtype(job.dtype)
+    runs = []
+    if not wide:
+        runs.append(step(work, job))
+    for k in range(len(runs), _RUNS if derive else len(runs)):
+        gen = torch.Generator().manual_seed(k)
+        model = copy.deepcopy(pristine).to(noisy)
+        runs.append(step(model if k == 0 else _jitter(model, noisy, gen), retyped(noisy, None if k == 0 else gen)))
+    truth = step(work if wide else copy.deepcopy(pristine), job if wide else retyped(torch.float64))
+    samples = [step(copy.deepcopy(pristine), job if wide else retyped(torch.float64), _RoundingModel(seed=k))
+               for k in range(_SAMPLES if derive else 0)]
+    return truth, runs, samples

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tpshard import layers, layout
 from tpshard.plan import Plan
-from tpshard.verify.compare import Comparison, _to_cpu, _worst, compare, flatten
+from tpshard.verify.compare import Comparison, Tolerances, _to_cpu, _worst, compare, flatten
 from tpshard.verify.report import VerifyReport
 
 # ---------------------------------------------------------------------------------------------
@@ -192,43 +192,46 @@ def _candidate_layouts(size: int, plan: Plan) -> list[tuple[int, ...] | None]:
 
 
 def _module_comparison(key: str, tag: tuple, values: list[Any], ref: Any, plan: Plan,
-                       rtol: float, atol: float) -> Comparison:
-    """Reassemble one module output from the ranks' values as ``tag`` says, and compare."""
+                       rtol: float = 0.0, atol: float = 0.0, tols: Tolerances | None = None) -> Comparison:
+    """Reassemble one module output from the ranks' values as ``tag`` says, and compare (to
+    ``tols(key)``, else to ``atol + rtol * max|ref|``)."""
     world = len(values)
+    kw = tols(key, ref) if tols is not None else {"rtol": rtol, "atol": atol}
     if not isinstance(ref, Tensor) or not all(isinstance(v, Tensor) for v in values):
-        return _worst([compare(key, "module", v, ref, rtol, atol) for v in values])
+        return _worst([compare(key, "module", v, ref, **kw) for v in values])
     if tag[0] == "slice":
         try:
             full = layout.unshard(values, tag[1], tag[2])
         except (ValueError, RuntimeError) as e:
             return Comparison(key, "module", math.inf, math.inf, rtol, atol, False, f"cannot gather: {e}")
-        return dataclasses.replace(compare(key, "module", full, ref, rtol, atol), note="column slices gathered")
+        return dataclasses.replace(compare(key, "module", full, ref, **kw), note="column slices gathered")
     if tag[0] == "partial":
         total = torch.stack([v.double() for v in values]).sum(0)
         if tag[1] is not None:
             total = total + tag[1].double()
-        return dataclasses.replace(compare(key, "module", total.to(ref.dtype), ref, rtol, atol),
+        return dataclasses.replace(compare(key, "module", total.to(ref.dtype), ref, **kw),
                                    note="partial sums added" + (" + bias" if tag[1] is not None else ""))
     if tag[0] == "full" or all(tuple(v.shape) == tuple(ref.shape) for v in values):
-        whole = _worst([compare(key, "module", v, ref, rtol, atol) for v in values])
+        whole = _worst([compare(key, "module", v, ref, **kw) for v in values])
         if whole.passed or tag[0] == "full":
             return whole
         total = torch.stack([v.double() for v in values]).sum(0).to(ref.dtype)
-        summed = compare(key, "module", total, ref, rtol, atol)
+        summed = compare(key, "module", total, ref, **kw)
         return dataclasses.replace(summed, note="partial sums added") if summed.passed else whole
     dims = [d for d in range(ref.dim()) if values[0].dim() == ref.dim() and values[0].shape[d] * world == ref.shape[d]
             and all(values[0].shape[e] == ref.shape[e] for e in range(ref.dim()) if e != d)]
     if not dims:
-        return compare(key, "module", values[0], ref, rtol, atol)
-    tries = [dataclasses.replace(compare(key, "module", layout.unshard(values, dims[0], segs), ref, rtol, atol),
+        return compare(key, "module", values[0], ref, **kw)
+    tries = [dataclasses.replace(compare(key, "module", layout.unshard(values, dims[0], segs), ref, **kw),
                                  note=f"split along dim {dims[0]}" + (f" {list(segs)}" if segs else "") + ": gathered")
              for segs in _candidate_layouts(ref.shape[dims[0]], plan)]
     return next((c for c in tries if c.passed), tries[0])
 
 
-def _localize(rank_records: list[list], ref_records: list, plan: Plan, rtol: float, atol: float
-              ) -> tuple[list[Comparison], str | None, str]:
-    """Per-module forward outputs in execution order; the first module that differs."""
+def _localize(rank_records: list[list], ref_records: list, plan: Plan, rtol: float = 0.0, atol: float = 0.0,
+              tols: Tolerances | None = None) -> tuple[list[Comparison], str | None, str]:
+    """Per-module forward outputs in execution order; the first module that differs (each
+    output to ``tols(key + leaf)``, else to ``atol + rtol * max|ref|``)."""
     ref_by_key = {key: leaves for key, _, _, leaves in ref_records}
     comps: list[Comparison] = []
     first: str | None = None
@@ -241,7 +244,8 @@ def _localize(rank_records: list[list], ref_records: list, plan: Plan, rtol: flo
             ref_leaves = [leaf for leaf in ref_leaves if isinstance(leaf[1], Tensor)]
         if any(len(r[i][3]) != len(ref_leaves) for r in rank_records):
             continue  # not comparable as recorded (not evidence of a difference)
-        parts = [_module_comparison(key + name, tag, [r[i][3][j][1] for r in rank_records], ref, plan, rtol, atol)
+        parts = [_module_comparison(key + name, tag, [r[i][3][j][1] for r in rank_records], ref, plan, rtol, atol,
+                                    None if tols is None else tols.modules())
                  for j, (name, ref) in enumerate(ref_leaves)]
         c = _worst(parts) if parts else Comparison(key, "module", 0.0, 0.0, rtol, atol, True)
         comps.append(c)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from tpshard import layout
 from tpshard.api import parallelize
-from tpshard.verify.compare import _output_layout, _to_cpu, flatten, map_tensors
+from tpshard.verify.compare import _to_cpu, flatten, map_tensors
+from tpshard.verify.step import _output_layout
 from tpshard.verify.localize import _Probes, _Recorder, _sharded_tag
 from tpshard.verify.model import _Job
 

@@ -34,6 +34,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = None
     seconds: float = 0.0
+    tolerance: dict[str, Any] = field(default_factory=dict)  # how tolerances were set
 
     @property
     def ok(self) -> bool:
@@ -49,6 +50,12 @@ class VerifyReport:
         rels = [c.max_rel for c in self.comparisons if kind is None or c.kind == kind]
         return max(rels, default=0.0)
 
+    def tolerance_used(self, kind: str | None = None) -> float:
+        """The largest ``max_abs / tol`` over the comparisons (of one ``kind``): how much of its
+        tolerance the worst tensor used (below 1 passes)."""
+        used = [_used(c) for c in self.comparisons if kind is None or c.kind == kind]
+        return max(used, default=0.0)
+
     def collective_counts(self, phase: str = "forward") -> dict[str, int]:
         """``{"all_reduce": 5, ...}`` for ``phase`` "forward" or "backward"."""
         return {k: v["count"] for k, v in self.collectives.get(phase, {}).items()}
@@ -61,8 +68,8 @@ class VerifyReport:
             "backend": self.backend, "ok": self.ok, "checks": len(self.comparisons),
             "failed": [c.name for c in self.failures],
             "max_rel": {k: _finite(self.max_rel(k)) for k in kinds},
-            "tolerance": ({"rtol": self.comparisons[0].rtol, "atol": self.comparisons[0].atol}
-                          if self.comparisons else {}),
+            "tolerance_used": {k: _finite(self.tolerance_used(k)) for k in kinds},
+            "tolerance": self.tolerance,
             "first_divergence": self.first_divergence, "collectives": self.collectives,
             "notes": self.notes, "seconds": round(self.seconds, 2),
         }
@@ -97,11 +104,18 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else "inf"
 
 
+def _used(c: Comparison) -> float:
+    if c.max_abs == 0:
+        return 0.0
+    return c.max_abs / c.tol if c.tol > 0 else math.inf
+
+
 def _rows(comps: Sequence[Comparison], header: str = "check") -> list[str]:
-    rows = [(header, "max abs", "max rel", "tolerance", "pass", "")]
+    rows = [(header, "max abs", "max rel", "tolerance", "pass", "basis")]
     for c in comps:
-        tol = f"rtol {c.rtol:.0e} atol {c.atol:.0e}"
-        rows.append((c.name, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", tol, "ok" if c.passed else "FAIL", c.note))
+        tol = f"{c.tol:.2e}" if math.isfinite(c.tol) else f"rtol {c.rtol:.0e} atol {c.atol:.0e}"
+        note = "; ".join(x for x in (c.basis, c.note) if x)
+        rows.append((c.name, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", tol, "ok" if c.passed else "FAIL", note))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return ["  ".join(v.ljust(w) for v, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "") for r in rows]
 
