@@ -4,7 +4,9 @@ Pure pieces (tolerances, comparisons, nested outputs, fresh inputs, dropout dete
 specs, the report, the reassembly of module outputs, the CLI's usage errors) run in-process.
 Each multi-rank test launches real gloo ranks once (fork: ranks inherit the models defined
 here) with a time limit; faults are injected with ``_verify(..., _tamper=...)``, which runs
-in each rank right after parallelize.
+in each rank right after parallelize (a defect in the collectives: every all-reduce scaled by
+``1 + delta``, ``tpshard.testing._scale_all_reduce``). The tolerances are tested from both
+sides: near-zero outputs of correct models pass, defects above the dtype's noise fail.
 """
 
 from __future__ import annotations
@@ -421,16 +423,6 @@ def test_near_zero_outputs_pass_for_more_seeds(dtype: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("dtype, delta", [("bfloat16", 0.1), ("float32", 1e-3), ("float64", 1e-7)])
-def test_a_defect_in_the_collectives_is_caught(dtype: str, delta: float) -> None:
-    # Every all-reduce result times 1 + delta, injected in the ranks from outside tpshard.
-    report = _verify("gpt", 2, dtype=dtype, timeout=100, _tamper=functools.partial(_scale_all_reduce, delta))
-    assert not report.ok, report
-    assert report.tolerance_used() > 1.5  # well beyond the tolerance, not at its edge
-    assert report.first_divergence is not None
-
-
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name, dtype, world", [
     ("gpt", "bfloat16", 2), ("llama", "bfloat16", 2), ("gpt", "float32", 2),
     pytest.param("gpt", "bfloat16", 4, marks=pytest.mark.slow), pytest.param("llama", "bfloat16", 4, marks=pytest.mark.slow),
@@ -452,6 +444,16 @@ def test_fixed_tolerances_replace_the_derived_ones(capsys: pytest.CaptureFixture
 
 # ---------------------------------------------------------------------------------------------
 # Broken sharded models fail and name the module.
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype, delta", [("bfloat16", 0.1), ("float32", 1e-3), ("float64", 1e-7)])
+def test_a_defect_in_the_collectives_is_caught(dtype: str, delta: float) -> None:
+    # Every all-reduce result times 1 + delta, injected in the ranks from outside tpshard.
+    report = _verify("gpt", 2, dtype=dtype, timeout=100, _tamper=functools.partial(_scale_all_reduce, delta))
+    assert not report.ok, report
+    assert report.tolerance_used() > 1.5  # well beyond the tolerance, not at its edge
+    assert report.first_divergence is not None
 
 
 @pytest.mark.timeout(60)
