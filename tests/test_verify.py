@@ -425,8 +425,8 @@ def test_near_zero_outputs_pass_for_more_seeds(dtype: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name, dtype, world", [
     ("gpt", "bfloat16", 2), ("llama", "bfloat16", 2), ("gpt", "float32", 2),
-    pytest.param("gpt", "bfloat16", 4, marks=pytest.mark.slow), pytest.param("llama", "bfloat16", 4, marks=pytest.mark.slow),
-    pytest.param("gpt", "float32", 4, marks=pytest.mark.slow), pytest.param("llama", "float32", 4, marks=pytest.mark.slow),
+    *(pytest.param(name, dtype, 4, marks=pytest.mark.slow)
+      for name, dtype in [("gpt", "bfloat16"), ("llama", "bfloat16"), ("gpt", "float32"), ("llama", "float32")]),
 ])
 def test_correct_models_pass_in_low_precision(name: str, dtype: str, world: int) -> None:
     report = assert_equivalent(name, world, dtype=dtype, timeout=100)
