@@ -165,7 +165,7 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float) -> list
         if remaining <= 0:
             missing = sorted(set(range(world_size)) - set(values))
             raise RankTimeout(
-                f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s "
+                f"timed out: ranks {missing} of {world_size} did not finish within {timeout:.0f} s "
                 "(a hung collective, or a rank waiting for one that failed)"
             )
         try:
