@@ -9,6 +9,7 @@ forked ranks inherit it (and everything it imports).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -127,3 +128,50 @@ class Suite:
             self._cache[world] = run_ranks(run_checks, world, self.checks, timeout=60)
         failures = [f"rank {r}: {f}" for r, res in enumerate(self._cache[world]) for f in res[name]]
         assert not failures, "\n".join(failures[:30])
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max error relative to the reference's magnitude."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def randomize_(model: nn.Module) -> None:
+    """No all-equal values: a zero bias or a unit norm weight hides a wrong shard."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def training_step_errors(model: nn.Module, shape: tuple, rank: int, world: int) -> tuple[dict, Any, Any, int]:
+    """Shard ``model`` (float64, randomized) and compare one training step with a deep copy:
+    output, input gradient, every parameter gradient (through the plan), parameters after an
+    SGD step, and a second forward at batch 5. Returns (errors, sharded, reference, collectives
+    issued in the forward and backward)."""
+    import tpshard  # (imported by the caller's ranks anyway)
+
+    model = model.to(DT)
+    randomize_(model)
+    ref = copy.deepcopy(model)
+    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    sharded = tpshard.parallelize(model, world, example_inputs=(x,))
+    plan = sharded.tpshard_plan
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with CommDebugMode() as mode:
+        out = sharded(xs)
+        w = torch.randn(out.shape, dtype=DT, generator=torch.Generator().manual_seed(2))
+        (out * w).sum().backward()
+    ref_out = ref(xr)
+    (ref_out * w).sum().backward()
+    errors = {"output": rel_error(out, ref_out), "grad input": rel_error(xs.grad, xr.grad)}
+    ref_params = dict(ref.named_parameters())
+    for pname, p in sharded.named_parameters():
+        errors[f"grad {pname}"] = rel_error(p.grad, plan.params[pname].shard(ref_params[pname].grad, rank, world))
+    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    for pname, p in sharded.named_parameters():
+        expect = plan.params[pname].shard(ref_params[pname].detach(), rank, world)
+        errors[f"step {pname}"] = rel_error(p.detach(), expect)
+    x2 = torch.randn((5, *shape[1:]), dtype=DT, generator=torch.Generator().manual_seed(3))
+    errors["second forward"] = rel_error(sharded(x2), ref(x2))
+    return errors, sharded, ref, mode.get_total_counts()

@@ -9,8 +9,6 @@ the fraction of parameters each rank holds is asserted where the architecture al
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +17,10 @@ from torch import nn
 import tpshard
 from tpshard.verify.launch import run_ranks
 
+from _dist import training_step_errors
+
 RTOL = 1e-10
-DT = torch.float64
+DT = torch.float64  # (the in-process planning checks below)
 
 
 class GatedMLP(nn.Module):
@@ -161,42 +161,11 @@ CASES: dict[str, tuple] = {
 }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def _randomize(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _check(name: str, rank: int, world: int) -> dict:
     factory, shape, _, _ = CASES[name]
     torch.manual_seed(0)
-    model = factory().to(DT)
-    _randomize(model)
-    ref = copy.deepcopy(model)
-    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
-    sharded = tpshard.parallelize(model, world, example_inputs=(x,))
+    errors, sharded, ref, _ = training_step_errors(factory(), shape, rank, world)
     plan = sharded.tpshard_plan
-    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = sharded(xs)
-    w = torch.randn(out.shape, dtype=DT, generator=torch.Generator().manual_seed(2))
-    (out * w).sum().backward()
-    ref_out = ref(xr)
-    (ref_out * w).sum().backward()
-    errors = {"output": _rel(out, ref_out), "grad input": _rel(xs.grad, xr.grad)}
-    ref_params = dict(ref.named_parameters())
-    for pname, p in sharded.named_parameters():
-        errors[f"grad {pname}"] = _rel(p.grad, plan.params[pname].shard(ref_params[pname].grad, rank, world))
-    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-    for pname, p in sharded.named_parameters():
-        errors[f"step {pname}"] = _rel(p.detach(), plan.params[pname].shard(ref_params[pname].detach(), rank, world))
-    x2 = torch.randn((5, *shape[1:]), dtype=DT, generator=torch.Generator().manual_seed(3))
-    errors["second forward"] = _rel(sharded(x2), ref(x2))
     local = sum(p.numel() for p in sharded.parameters())
     full = sum(p.numel() for p in ref.parameters())
     split = {m.path for m in plan.modules.values() if m.style not in ("replicate",)}

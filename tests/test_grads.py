@@ -11,21 +11,19 @@ gradient is synchronized.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor.debug import CommDebugMode
 
 import tpshard
 from tpshard.compiler import analysis as A
 from tpshard.plan import GRAD_ALL_GATHER, GRAD_ALL_REDUCE, GRAD_LOCAL, GRAD_WHOLE
 from tpshard.verify.launch import run_ranks
 
+from _dist import training_step_errors
+
 RTOL = 1e-10
-DT = torch.float64
 
 
 class GatherThenReduce(nn.Module):
@@ -133,47 +131,14 @@ CASES = {
 }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def _randomize(model: nn.Module) -> None:
-    """No all-equal values: a zero bias or a unit norm weight hides a wrong shard."""
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _check(name: str, rank: int, world: int) -> dict:
     cls, shape = CASES[name]
     torch.manual_seed(0)
-    model = cls().to(DT)
-    _randomize(model)
-    ref = copy.deepcopy(model)
-    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
-    sharded = tpshard.parallelize(model, world, example_inputs=(x,))
+    errors, sharded, _, issued = training_step_errors(cls(), shape, rank, world)
     plan = sharded.tpshard_plan
-    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with CommDebugMode() as mode:
-        out = sharded(xs)
-        w = torch.randn(out.shape, dtype=DT, generator=torch.Generator().manual_seed(2))
-        (out * w).sum().backward()
-    ref_out = ref(xr)
-    (ref_out * w).sum().backward()
-    errors = {"output": _rel(out, ref_out), "grad input": _rel(xs.grad, xr.grad)}
-    ref_params = dict(ref.named_parameters())
-    for pname, p in sharded.named_parameters():
-        errors[f"grad {pname}"] = _rel(p.grad, plan.params[pname].shard(ref_params[pname].grad, rank, world))
-    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-    for pname, p in sharded.named_parameters():
-        errors[f"step {pname}"] = _rel(p.detach(), plan.params[pname].shard(ref_params[pname].detach(), rank, world))
-    x2 = torch.randn((5, *shape[1:]), dtype=DT, generator=torch.Generator().manual_seed(3))
-    errors["second forward"] = _rel(sharded(x2), ref(x2))
     planned = sum(plan.collective_counts().values())
     split = [m.path for m in plan.modules.values() if m.style not in ("replicate",)]
-    return {"errors": errors, "issued": mode.get_total_counts(), "planned": planned,
+    return {"errors": errors, "issued": issued, "planned": planned,
             "grads": dict(plan.grads), "split": split}
 
 
