@@ -7,7 +7,7 @@ from typing import Any
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.compiler import Captured, apply_inplace, capture, make_plan, plan_inplace, rewrite, sequence_parallel
+from tpshard.compiler import Captured, apply_inplace, capture, plan_captured, plan_inplace, rewrite, sequence_parallel
 from tpshard.models.meta import on_meta, to_meta
 from tpshard.plan import Plan, PlanError
 
@@ -16,7 +16,7 @@ __all__ = ["plan", "parallelize"]
 
 def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False,
                    seq: bool = False) -> Plan:
-    p = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+    p = plan_captured(c, world_size, overrides)
     if seq:
         if inplace:
             raise PlanError("sequence_parallel=True needs the graph (reduce-scatters and gathers between "

@@ -4,11 +4,13 @@ Modules, each importing only those above it:
 
 - :mod:`~tpshard.compiler.ir`, :mod:`~tpshard.compiler.ir_aten`: what each graph node means;
 - :mod:`~tpshard.compiler.captured`, :mod:`~tpshard.compiler.capture_export`,
-  :mod:`~tpshard.compiler.capture`: a model and example inputs -> a graph with shapes;
+  :mod:`~tpshard.compiler.blocks`, :mod:`~tpshard.compiler.capture`: a model and example
+  inputs -> a graph with shapes (repeated blocks captured as two and stamped);
 - :mod:`~tpshard.compiler.placement`, :mod:`~tpshard.compiler.rules_shape`,
   :mod:`~tpshard.compiler.analysis`: sharding propagation, rules as lookup tables;
 - :mod:`~tpshard.compiler.planner_replay`, :mod:`~tpshard.compiler.styles`,
   :mod:`~tpshard.compiler.planner`: the decisions, written as a Plan;
+  :mod:`~tpshard.compiler.blocks_plan`: repeated blocks planned once;
 - :mod:`~tpshard.compiler.sequence`: sequence parallelism, a post-pass over a Plan's edits;
 - :mod:`~tpshard.compiler.rewrite`: a Plan applied to the graph;
 - :mod:`~tpshard.compiler.inplace`, :mod:`~tpshard.compiler.inplace_apply`: in-place mode,
@@ -18,6 +20,7 @@ Other folders use the names below; the modules' underscore names stay inside thi
 """
 
 from tpshard.compiler.capture import CaptureError, capture
+from tpshard.compiler.blocks_plan import plan_captured
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.inplace import plan_inplace
 from tpshard.compiler.inplace_apply import apply_inplace
@@ -26,5 +29,5 @@ from tpshard.compiler.rewrite import rewrite
 from tpshard.compiler.sequence import sequence_parallel
 from tpshard.compiler.styles import SPLIT_STYLES, STYLES
 
-__all__ = ["CaptureError", "Captured", "capture", "make_plan", "STYLES", "SPLIT_STYLES", "rewrite", "plan_inplace",
+__all__ = ["CaptureError", "Captured", "capture", "make_plan", "plan_captured", "STYLES", "SPLIT_STYLES", "rewrite", "plan_inplace",
            "apply_inplace", "sequence_parallel"]

@@ -18,9 +18,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import os
+import signal
+import threading
+import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,9 +34,11 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from tpshard.compiler.blocks import NotRepeatable, find_repeated, stamp_graph, truncated
 from tpshard.compiler.capture_export import capture_export
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.ir import describe_fx
+from tpshard.compiler.ir_aten import describe_aten
 
 __all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
 
@@ -161,9 +169,21 @@ class _ShapeRecorder(fx.Interpreter):
             raise RuntimeError(f"shape propagation failed at {n.format_node()}: {e}") from e
         if any(isinstance(r, torch.Tensor) for r in _leaves(result)):
             n.meta["tensor_meta"] = fx.node.map_aggregate(
-                result, lambda r: _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else r)
+                result, lambda r: _tensor_metadata(r) if isinstance(r, torch.Tensor) else r)
         n.meta["type"] = type(result)
         return result
+
+
+def _tensor_metadata(t: torch.Tensor) -> Any:
+    """torch's TensorMetadata, with the memory format from the tensor's own contiguity checks
+    (torch's symbolic ones import sympy, a second at start-up)."""
+    meta = _extract_tensor_metadata(t, include_contiguity=False)
+    if t.layout != torch.strided:
+        return meta
+    for fmt, ndim in ((torch.contiguous_format, None), (torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if (ndim is None or t.dim() == ndim) and t.is_contiguous(memory_format=fmt):
+            return meta._replace(memory_format=fmt)
+    return meta
 
 
 def _leaves(value: Any) -> list:
@@ -172,10 +192,37 @@ def _leaves(value: Any) -> list:
     return out
 
 
+# Shape propagation runs the example for real when that is cheaper than the meta device, whose
+# first op imports torch._dynamo (~2 s): parameter elements x example input elements, a bound on
+# the multiply-adds of the run (about 0.1 s of compute at this bound on a laptop core).
+_REAL_RUN_WORK = 2e9
+
+
 def _propagate_shapes(gm: fx.GraphModule, args: list[Any]) -> None:
+    """Record every node's shape without touching the model, the cheapest way that works:
+
+    - a model on the meta device runs as it is;
+    - a small one runs for real, on a twin that shares the parameters and has copies of the
+      buffers (a BatchNorm's running statistics are not updated), with the random state restored
+      afterwards (dropout draws nothing from the user's stream);
+    - a large one runs on a meta twin; a graph that mixes devices or reads values on fake tensors.
+    """
     tensors = [*gm.parameters(), *gm.buffers(), *(a for a in args if isinstance(a, torch.Tensor))]
     if all(t.is_meta for t in tensors):
         _ShapeRecorder(gm).run(*args)  # meta tensors carry shapes already: no fake mode needed
+        return
+    n_params = sum(p.numel() for p in gm.parameters())
+    n_input = max([a.numel() for a in args if isinstance(a, torch.Tensor)] or [1])
+    if not any(t.is_meta for t in tensors) and n_params * n_input <= _REAL_RUN_WORK:
+        _run_real(gm, args)
+        return
+    try:
+        twin = _twin(gm, _to_meta)
+        _ShapeRecorder(twin).run(*[_to_meta(a) if isinstance(a, torch.Tensor) else a for a in args])
+    except Exception:  # noqa: BLE001 - the fake-tensor run below is the one whose error counts
+        pass
+    else:
+        _copy_records(twin, gm)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -185,16 +232,140 @@ def _propagate_shapes(gm: fx.GraphModule, args: list[Any]) -> None:
         _ShapeRecorder(gm).run(*fake_args)
 
 
+def _run_real(gm: fx.GraphModule, args: list[Any]) -> None:
+    buffers = {id(b) for b in gm.buffers()}
+    twin = _twin(gm, lambda t: t.clone() if id(t) in buffers else t)
+    devices = sorted({t.device.index or 0 for t in gm.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        _ShapeRecorder(twin).run(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    _copy_records(twin, gm)
+
+
+def _copy_records(twin: fx.GraphModule, gm: fx.GraphModule) -> None:
+    # The twin's nodes are copies of gm's, in the same order.
+    for mine, theirs in zip(gm.graph.nodes, twin.graph.nodes):
+        for key in ("tensor_meta", "type"):
+            if key in theirs.meta:
+                mine.meta[key] = theirs.meta[key]
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(m, requires_grad=t.requires_grad)
+    return m.requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex() else m
+
+
+def _twin(gm: fx.GraphModule, substitute: Any) -> fx.GraphModule:
+    """A deep copy of ``gm`` whose parameters and buffers are ``substitute(tensor)``."""
+    memo: dict[int, Any] = {}
+    for _, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if id(t) not in memo:
+            memo[id(t)] = substitute(t)
+    return copy.deepcopy(gm, memo)
+
+
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None,
-            method: str = "auto") -> Captured:
+            method: str = "auto", repeated_blocks: bool = True, timeout_s: float | None = None) -> Captured:
     """Capture ``model``: symbolic tracing first, ``torch.export`` when tracing fails.
 
-    ``method``: "auto", "fx" (symbolic tracing only) or "export".
+    ``method``: "auto", "fx" (symbolic tracing only) or "export". With ``repeated_blocks``, a
+    list of >= 3 identical blocks is captured as two and stamped (:mod:`tpshard.compiler.blocks`);
+    ``Captured.note`` says so, or why it was captured whole.
+
+    ``timeout_s`` bounds the capture (default: ``$TPSHARD_CAPTURE_TIMEOUT_S``, else 300 s; 0 or
+    None from the variable: no bound). Past it, :class:`CaptureError` names the source line the
+    capture was running. The bound needs the main thread (a timer signal); elsewhere it is off.
     """
-    example_kwargs = dict(example_kwargs or {})
-    example_inputs = tuple(example_inputs)
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"capture method {method!r}: use 'auto', 'fx' or 'export'")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("TPSHARD_CAPTURE_TIMEOUT_S", _DEFAULT_TIMEOUT_S) or 0)
+    try:
+        with _deadline(timeout_s):
+            return _capture(model, tuple(example_inputs), dict(example_kwargs or {}), method, repeated_blocks)
+    except _CaptureTimeout as t:
+        raise CaptureError(
+            f"capturing {type(model).__name__} did not finish in {timeout_s:g} s; it was running {t.where}. "
+            "Capture cannot follow this code in bounded time: simplify that line (e.g. Python control flow on "
+            "tensor values), pass example_inputs that take a simpler path, or raise the bound with "
+            "TPSHARD_CAPTURE_TIMEOUT_S") from None
+
+
+_DEFAULT_TIMEOUT_S = 300.0
+
+
+class _CaptureTimeout(BaseException):
+    """Raised by the timer inside whatever capture runs; a BaseException, so that the generic
+    ``except Exception`` of tracing code (and the fallbacks here) do not swallow it."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(where)
+        self.where = where
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") \
+            or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    # An outer timer (pytest-timeout's, a job's) keeps its deadline: whichever is first fires,
+    # and the outer one is re-armed with what is left of it afterwards.
+    outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    ours_first = not outer_left or seconds < outer_left
+    started = time.monotonic()
+
+    def expire(signum: int, frame: Any) -> None:
+        if ours_first:
+            raise _CaptureTimeout(_running_line(frame))
+        if callable(previous):
+            previous(signum, frame)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds if ours_first else outer_left)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 1e-3), outer_interval)
+
+
+def _running_line(frame: Any) -> str:
+    """The innermost line outside torch and tpshard on the stack: the model code being captured."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    for f in reversed(traceback.extract_stack(frame)):
+        if not f.filename.startswith(skip):
+            return f"{f.filename}:{f.lineno} ({f.name}): {f.line}"
+    return "inside torch (no model source line on the stack)"
+
+
+def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str,
+             repeated_blocks: bool) -> Captured:
+    blocks = find_repeated(model) if repeated_blocks else None
+    if blocks is None:
+        return _capture_whole(model, example_inputs, example_kwargs, method)
+    try:
+        with truncated(model, blocks):
+            two = _capture_whole(model, example_inputs, example_kwargs, method)
+        gm, stamp = stamp_graph(two.gm, model, blocks)
+    except Exception as e:  # noqa: BLE001 - captured whole instead; the reason goes in the note
+        why = str(e).splitlines()[0] if isinstance(e, NotRepeatable) else f"the two-block capture failed ({type(e).__name__})"
+        c = _capture_whole(model, example_inputs, example_kwargs, method)
+        c.note = "; ".join(filter(None, [c.note, f"{blocks.container or 'the model'}: {blocks.count} blocks "
+                                                 f"captured whole: {why}"]))
+        return c
+    ops = describe_aten(gm) if two.kind == "export" else describe_fx(gm)
+    note = (f"{blocks.container or 'the model'}: {blocks.count} identical blocks, two captured; "
+            f"{blocks.block(2)} .. {blocks.block(blocks.count - 1)} stamped from {blocks.block(1)}")
+    return Captured(gm, ops, two.kind, model, two.example_inputs, two.example_kwargs,
+                    "; ".join(filter(None, [two.note, note])), repeated=(two, stamp))
+
+
+def _capture_whole(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str) -> Captured:
     if method == "export":
         return capture_export(model, _require_inputs(model, example_inputs, example_kwargs), example_kwargs)
     try:
@@ -208,7 +379,12 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
         try:
             return capture_export(model, example_inputs, example_kwargs)
         except Exception as e:
-            raise CaptureError(f"{fx_error}\n... and torch.export failed too: {type(e).__name__}: {e}") from e
+            # torch's message runs to pages (the partial graph); its first line and the model's
+            # line say what failed. The whole error is chained (``__cause__``).
+            line = _user_frame(e.__traceback__)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CaptureError(f"{fx_error}\n... and torch.export failed too" + (f" at {line}" if line else "")
+                               + f": {type(e).__name__}: {first}") from e
 
 
 def _require_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:

@@ -26,3 +26,6 @@ class Captured:
     example_inputs: tuple = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # repeated blocks (tpshard.compiler.blocks): the two-block capture and how this graph was
+    # stamped from it, for planning the blocks once; None: captured whole
+    repeated: tuple[Any, Any] | None = None

@@ -327,11 +327,8 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         elif e.kind == "scatter" and by_name[e.node].node in grads:
             count(producer(e.users[0]), "bwd all_gather")
     ties = {a: c for a, c in pl.canon.items() if a != c}
-    notes = ["tied: " + ", ".join(f"{a} = {c}" for a, c in sorted(ties.items()))] if ties else []
     grad_of = _grad_placements(pl, params, edits, by_name, grads)
-    synced = [f"{name} ({how})" for name, how in grad_of.items() if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER)]
-    if synced:
-        notes.append("gradients synchronized in backward: " + ", ".join(synced))
+    notes = plan_notes(ties, grad_of)
     order = {name: i for i, name in enumerate(param_names)}
     def row_order(item: tuple[str, ModulePlan]) -> tuple[int, str]:  # module order: first parameter's position
         return (min((order.get(x, len(order)) for x in item[1].params), default=len(order)), item[0])
@@ -375,3 +372,12 @@ def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[
         else:
             out[name] = GRAD_WHOLE
     return out
+
+
+def plan_notes(ties: dict[str, str], grad_of: dict[str, str]) -> list[str]:
+    """The notes a plan states about its parameters: ties, gradients synchronized in backward."""
+    notes = ["tied: " + ", ".join(f"{a} = {c}" for a, c in sorted(ties.items()))] if ties else []
+    synced = [f"{name} ({how})" for name, how in grad_of.items() if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER)]
+    if synced:
+        notes.append("gradients synchronized in backward: " + ", ".join(synced))
+    return notes

@@ -61,7 +61,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from tpshard.compiler import capture, make_plan
+from tpshard.compiler import capture, plan_captured
 from tpshard.models.resolve import resolve_model
 from tpshard.plan import Plan, PlanError
 from tpshard.verify.compare import (Tolerances, _keep_overflow, _RoundingModel, default_tolerance,
@@ -184,7 +184,7 @@ def _verify(model: nn.Module | str, world_size: int, *, example_inputs: Any = ()
                      "draw different random masks, so their outputs are not expected to match")
     args, kwargs = tuple(c.example_inputs), dict(c.example_kwargs)
     if plan is None:
-        plan = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+        plan = plan_captured(c, world_size, overrides)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}; plan again for {world_size}")
     gen = torch.Generator().manual_seed(1234)
