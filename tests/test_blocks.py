@@ -15,7 +15,7 @@ from torch import nn
 
 import tpshard
 from tpshard import models
-from tpshard.compiler import capture, make_plan, plan_captured
+from tpshard.compiler import capture, capture_for_plan, make_plan, plan_captured
 from tpshard.compiler.blocks import find_repeated
 from tpshard.verify.launch import run_ranks
 
@@ -88,7 +88,10 @@ def test_stamped_graph_and_plan_equal_the_full_ones(name: str) -> None:
         stamped = plan_captured(c, world)
         assert not any("each block planned" in n for n in stamped.notes), stamped.notes
         # Planned once and stamped = planned over the full stamped graph, entry for entry.
-        assert stamped.to_dict() == make_plan(c.gm, c.ops, world, None, c.kind).to_dict()
+        assert stamped.blocks == {"container": find_repeated(model).container, "count": N,
+                                  "stamped_from": find_repeated(model).block(1), "planned_once": True}
+        assert {**stamped.to_dict(), "blocks": {}} == {**make_plan(c.gm, c.ops, world, None, c.kind).to_dict(),
+                                                       "blocks": {}}
         # ... and the same decisions as capturing every block (node names aside).
         full = make_plan(whole.gm, whole.ops, world, None, whole.kind)
         assert stamped.params == full.params and stamped.grads == full.grads
@@ -176,6 +179,26 @@ def test_models_stamping_cannot_follow_are_captured_whole(cls: type) -> None:
     torch.testing.assert_close(c.gm(x), model(x), rtol=1e-12, atol=0)
     p = plan_captured(c, 2)
     assert len([m for m in p.modules.values() if m.style in ("column", "row")]) == 2 * N
+
+
+def test_a_plan_is_applied_to_the_graph_it_was_made_on() -> None:
+    model, args = reference("gpt")
+    stamped = tpshard.plan(model, 2, example_inputs=args)
+    assert stamped.blocks["count"] == N
+    # A plan made on a whole capture (as every plan before stamping was) is applied to a whole
+    # capture: its edits name that graph's nodes.
+    whole = make_plan(*(lambda c: (c.gm, c.ops))(capture(model, args, repeated_blocks=False)), 2)
+    assert not whole.blocks
+    assert capture_for_plan(model, args, {}, stamped).repeated is not None
+    assert capture_for_plan(model, args, {}, whole).repeated is None
+    for plan in (stamped, whole):
+        sharded = tpshard.parallelize(model, 2, example_inputs=args, plan=plan, group=tpshard.OfflineGroup(0, 2))
+        assert sharded.get_parameter("h.3.mlp.c_fc.weight").shape[0] == model.h[3].mlp.c_fc.weight.shape[0] // 2
+    # A stamped plan for a model whose blocks no longer stamp the same way is refused.
+    other, _ = reference("gpt")
+    other.h = nn.ModuleList(list(other.h)[:3])
+    with pytest.raises(tpshard.PlanError, match="4 blocks of h stamped.*3 blocks of h"):
+        tpshard.parallelize(other, 2, example_inputs=args, plan=stamped, group=tpshard.OfflineGroup(0, 2))
 
 
 def test_shape_propagation_leaves_the_model_and_random_state_alone() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import torch.nn as nn
 
 from tpshard import comm
-from tpshard.compiler import Captured, apply_inplace, capture, plan_captured, plan_inplace, rewrite, sequence_parallel
+from tpshard.compiler import Captured, apply_inplace, capture, capture_for_plan, plan_captured, plan_inplace, rewrite, sequence_parallel
 from tpshard.models.meta import on_meta, to_meta
 from tpshard.plan import Plan, PlanError
 
@@ -106,7 +106,8 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
         raise PlanError("parallelize: pass either plan= or overrides=, not both. A given plan is applied as it "
                         f"is (it was made with overrides {plan.overrides or {}}); to change styles, make it "
                         "again with tpshard.plan(model, world_size, overrides=...)")
-    c = capture(model, example_inputs, example_kwargs)
+    c = capture(model, example_inputs, example_kwargs) if plan is None else \
+        capture_for_plan(model, example_inputs, example_kwargs, plan)
     if plan is None:
         plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel)
     elif plan.world_size != world_size:

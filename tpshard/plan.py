@@ -172,12 +172,16 @@ class Plan:
     overrides: dict[str, str] = field(default_factory=dict)
     # sequence parallelism (empty: off): the sequence dim, why, the ops on sequence shards
     sequence: dict[str, Any] = field(default_factory=dict)
+    # repeated blocks (empty: captured whole): the block list whose blocks 2 .. count-1 were
+    # stamped from block 1 at capture, so that a rank captures the same graph (node names) again
+    blocks: dict[str, Any] = field(default_factory=dict)
 
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
-        if not d["sequence"]:  # plans without sequence parallelism read as before
-            del d["sequence"]
+        for optional in ("sequence", "blocks"):  # plans without them read as before
+            if not d[optional]:
+                del d[optional]
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -200,7 +204,8 @@ class Plan:
                    attribute_changes=None if changes is None else [AttributeChange(**c) for c in changes],
                    capture=d.get("capture", "fx"), ties=dict(d.get("ties", {})),
                    notes=list(d.get("notes", [])), grads=dict(d.get("grads", {})),
-                   overrides=dict(d.get("overrides", {})), sequence=dict(d.get("sequence", {})))
+                   overrides=dict(d.get("overrides", {})), sequence=dict(d.get("sequence", {})),
+                   blocks=dict(d.get("blocks", {})))
 
     @classmethod
     def from_json(cls, s: str) -> "Plan":

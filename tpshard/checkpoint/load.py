@@ -15,7 +15,7 @@ from tpshard import comm
 from tpshard.checkpoint.manifest import MANIFEST_NAME, Manifest, _RankReader, read_manifest
 from tpshard.checkpoint.model import _resolve_model
 from tpshard.checkpoint.safetensors_io import CheckpointError
-from tpshard.compiler import capture, rewrite
+from tpshard.compiler import capture_for_plan, rewrite
 from tpshard.models.meta import on_meta, to_meta
 from tpshard.models.resolve import ModelLike
 
@@ -175,7 +175,7 @@ def load_sharded(model: ModelLike, directory: str | os.PathLike, *, rank: int | 
     _check_model(module, manifest)
     buffers = _real_buffers(module)
     with on_meta(module):
-        sharded = rewrite(capture(module, to_meta(args), to_meta(kwargs)), manifest.plan, g)
+        sharded = rewrite(capture_for_plan(module, to_meta(args), to_meta(kwargs), manifest.plan), manifest.plan, g)
     path = manifest.rank_path(g.rank)
     with _RankReader(manifest, g.rank) as reader:
         by_offset = sorted(reader.entries.values(), key=lambda e: e.begin)

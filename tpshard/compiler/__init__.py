@@ -20,7 +20,7 @@ Other folders use the names below; the modules' underscore names stay inside thi
 """
 
 from tpshard.compiler.capture import CaptureError, capture
-from tpshard.compiler.blocks_plan import plan_captured
+from tpshard.compiler.blocks_plan import capture_for_plan, plan_captured
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.inplace import plan_inplace
 from tpshard.compiler.inplace_apply import apply_inplace
@@ -29,5 +29,5 @@ from tpshard.compiler.rewrite import rewrite
 from tpshard.compiler.sequence import sequence_parallel
 from tpshard.compiler.styles import SPLIT_STYLES, STYLES
 
-__all__ = ["CaptureError", "Captured", "capture", "make_plan", "plan_captured", "STYLES", "SPLIT_STYLES", "rewrite", "plan_inplace",
+__all__ = ["CaptureError", "Captured", "capture", "make_plan", "plan_captured", "capture_for_plan", "STYLES", "SPLIT_STYLES", "rewrite", "plan_inplace",
            "apply_inplace", "sequence_parallel"]

@@ -22,13 +22,16 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+import torch.nn as nn
+
 from tpshard.compiler.blocks import NotRepeatable, Stamp
+from tpshard.compiler.capture import capture
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.planner import make_plan
 from tpshard.compiler.planner_replay import plan_notes
-from tpshard.plan import Edit, ModulePlan, Plan
+from tpshard.plan import Edit, ModulePlan, Plan, PlanError
 
-__all__ = ["stamp_plan", "plan_captured"]
+__all__ = ["stamp_plan", "plan_captured", "capture_for_plan"]
 
 _TOKEN = re.compile(r"\w[\w.]*")  # a node name or a dotted path, in a bias reference or a reason
 
@@ -202,12 +205,35 @@ def plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None
         >>> [p.modules[k].style for k in ("3.0", "3.2")]
         ['column', 'row']
     """
-    if c.repeated is None or overrides:
+    if c.repeated is None:
         return make_plan(c.gm, c.ops, world_size, overrides, c.kind)
     two, stamp = c.repeated
-    try:
-        return stamp_plan(make_plan(two.gm, two.ops, world_size, None, two.kind), stamp)
-    except NotRepeatable as e:  # exact either way; the note says why planning took longer
-        plan = make_plan(c.gm, c.ops, world_size, None, c.kind)
-        plan.notes.append(f"{stamp.blocks.container or 'the model'}: each block planned (not once): {e}")
-        return plan
+    b = stamp.blocks
+    why = "overrides may name any block" if overrides else ""
+    plan = None
+    if not overrides:
+        try:
+            plan = stamp_plan(make_plan(two.gm, two.ops, world_size, None, two.kind), stamp)
+        except NotRepeatable as e:  # exact either way; the note says why planning took longer
+            why = str(e)
+    if plan is None:
+        plan = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+        plan.notes.append(f"{b.container or 'the model'}: each block planned (not once): {why}")
+    plan.blocks = {"container": b.container, "count": b.count, "stamped_from": b.block(1), "planned_once": not why}
+    return plan
+
+
+def capture_for_plan(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any] | None,
+                     plan: Plan) -> Captured:
+    """Capture ``model`` the way ``plan`` was made (its edits name the nodes of that graph):
+    stamped when the plan's blocks were, whole otherwise (plans made before stamping)."""
+    c = capture(model, example_inputs, example_kwargs, repeated_blocks=bool(plan.blocks))
+    if plan.blocks:
+        got = c.repeated[1].blocks if c.repeated is not None else None
+        if got is None or (got.container, got.count) != (plan.blocks["container"], plan.blocks["count"]):
+            raise PlanError(
+                f"the plan was made on a capture with {plan.blocks['count']} blocks of "
+                f"{plan.blocks['container'] or 'the model'} stamped, but this model captures "
+                + (f"{got.count} blocks of {got.container or 'the model'}" if got else f"whole ({c.note})")
+                + "; plan this model again with tpshard.plan")
+    return c
