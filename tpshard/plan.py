@@ -9,7 +9,9 @@ A Plan holds
   collectives on edges (copy, reduce, gather, scatter) and shape literals divided by the
   world size;
 - ``attribute_changes``: for in-place mode only, the module attributes (head counts, widths)
-  divided on every rank, found at plan time (None: not searched, the plan is for the graph).
+  divided on every rank, found at plan time (None: not searched, the plan is for the graph);
+- ``blocks``: the repeated blocks captured as two and stamped (empty: captured whole), so that
+  the graph the edits name is captured again the same way.
 
 It prints as a table (:meth:`Plan.explain`) and round-trips through JSON exactly.
 
