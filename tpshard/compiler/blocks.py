@@ -45,7 +45,8 @@ import torch.nn as nn
 
 from tpshard.compiler.ir import shape_of
 
-__all__ = ["RepeatedList", "Stamp", "NotRepeatable", "find_repeated", "truncated", "stamp_graph"]
+__all__ = ["RepeatedList", "Stamp", "NotRepeatable", "find_repeated", "truncated", "stamp", "build_stamped",
+           "stamp_graph"]
 
 _PLAIN = (int, float, bool, str, type(None))
 
@@ -78,6 +79,7 @@ class Stamp:
     seg0: list[str] = field(default_factory=list)
     seg1: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)  # the nodes after the blocks
+    outs: list[int] = field(default_factory=list)  # block 1's outputs, by index among its non-attr nodes
     copies: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -277,36 +279,50 @@ def _shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
-def stamp_graph(two: fx.GraphModule, model: nn.Module, blocks: RepeatedList) -> tuple[fx.GraphModule, Stamp]:
-    """The full model's graph, made from the two-block graph ``two`` (which is left as it is):
-    block 1's nodes copied for blocks 2 .. count-1, each reading the previous block's outputs
-    and its own parameters, and what came after the blocks reading the last block's outputs.
-    Nodes of ``two`` keep their names. Raises :class:`NotRepeatable` when the two blocks'
-    graphs do not show that they are interchangeable."""
+def stamp(two: fx.GraphModule, blocks: RepeatedList) -> Stamp:
+    """How the full graph is made from the two-block graph ``two``, with every node's name,
+    before (and without) building it. Block k's copy of block 1's node ``n`` is ``n_b<k>``.
+    Raises :class:`NotRepeatable` when the two blocks' graphs do not show that they are
+    interchangeable."""
     attrs0, seg0, attrs1, seg1 = _segments(two.graph, blocks)
     outs = _match(blocks, attrs0, seg0, attrs1, seg1)
-    full = _shared_copy(two)
-    mine = dict(zip(two.graph.nodes, full.graph.nodes))  # same order, same names
-    attrs0, seg0, attrs1, seg1 = ([mine[n] for n in part] for part in (attrs0, seg0, attrs1, seg1))
-    graph, p1 = full.graph, blocks.block(1)
-    idx0 = {n: i for i, n in enumerate(seg0)}
-    idx1 = {n: i for i, n in enumerate(seg1)}
-    after_blocks = {n: list(n.users) for n in seg1 if any(u not in idx1 for u in n.users)}
-    stamp = Stamp(blocks, base={n.name: n.name for n in full.graph.nodes},
-                  seg0=[n.name for n in attrs0 + seg0], seg1=[n.name for n in attrs1 + seg1])
-    order = list(full.graph.nodes)
-    stamp.after = [n.name for n in order[order.index(seg1[-1]) + 1:]]
-    prev = {j: seg1[j] for j in outs}  # the previous block's outputs, by index in the block
-    cursor = seg1[-1]
+    order = list(two.graph.nodes)
+    used = {n.name for n in order}
+    result = Stamp(blocks, base={n: n for n in used}, seg0=[n.name for n in attrs0 + seg0],
+                   seg1=[n.name for n in attrs1 + seg1],
+                   after=[n.name for n in order[order.index(seg1[-1]) + 1:]], outs=sorted(outs))
     for k in range(2, blocks.count):
+        names = {}
+        for n in result.seg1:
+            name = f"{n}_b{k}"
+            while name in used:
+                name += "_"
+            used.add(name)
+            names[n] = name
+        result.copies.append(names)
+    return result
+
+
+def build_stamped(two: fx.GraphModule, model: nn.Module, st: Stamp) -> fx.GraphModule:
+    """The full model's graph: a copy of ``two`` (left as it is) where block 1's nodes are copied
+    for blocks 2 .. count-1, each reading the previous block's outputs and its own parameters,
+    and what comes after the blocks reads the last block's outputs. Names are ``st``'s."""
+    full = _shared_copy(two)
+    graph, blocks = full.graph, st.blocks
+    by_name = {n.name: n for n in graph.nodes}  # same names as two's
+    seg0, seg1 = [by_name[n] for n in st.seg0], [by_name[n] for n in st.seg1]
+    attrs1 = [n for n in seg1 if n.op == "get_attr"]
+    body1 = [n for n in seg1 if n.op != "get_attr"]
+    body0 = [n for n in seg0 if n.op != "get_attr"]
+    idx0 = {n: i for i, n in enumerate(body0)}
+    idx1 = {n: i for i, n in enumerate(body1)}
+    after_blocks = {n: list(n.users) for n in body1 if any(u not in idx1 for u in n.users)}
+    p1 = blocks.block(1)
+    prev = {j: body1[j] for j in st.outs}  # the previous block's outputs, by index in the block
+    cursor = body1[-1]
+    for k, names in zip(range(2, blocks.count), st.copies):
         pk = blocks.block(k)
         copy_k: dict[fx.Node, fx.Node] = {}
-        for a in attrs1:  # block k's own parameters and buffers
-            target = pk + a.target[len(p1):]
-            _install(full, model, target)
-            with graph.inserting_after(cursor):
-                copy_k[a] = cursor = graph.get_attr(target)
-            cursor.meta = _restack(a.meta, p1, pk)
 
         def read(n: fx.Node, copy_k: dict[fx.Node, fx.Node] = copy_k, prev: dict[int, fx.Node] = prev) -> fx.Node:
             if n in copy_k:
@@ -315,19 +331,28 @@ def stamp_graph(two: fx.GraphModule, model: nn.Module, blocks: RepeatedList) -> 
                 return prev[idx0[n]]
             return n  # a value from before the blocks, shared by all of them
 
-        for n in seg1:
+        for n in attrs1 + body1:
+            target = pk + n.target[len(p1):] if n.op in ("get_attr", "call_module") else n.target
+            if target is not n.target:
+                _install(full, model, target)
             with graph.inserting_after(cursor):
-                copy_k[n] = cursor = graph.node_copy(n, read)
+                cursor = graph.create_node(n.op, target, fx.node.map_arg(n.args, read),
+                                           fx.node.map_arg(n.kwargs, read), names[n.name], n.type)
+            if cursor.name != names[n.name]:
+                raise NotRepeatable(f"the stamped node {names[n.name]} could not keep its name")
             cursor.meta = _restack(n.meta, p1, pk)
-            if n.op == "call_module":
-                cursor.target = pk + n.target[len(p1):]
-                _install(full, model, cursor.target)
-        stamp.copies.append({n.name: c.name for n, c in copy_k.items()})
-        prev = {j: copy_k[seg1[j]] for j in outs}
+            copy_k[n] = cursor
+        prev = {j: copy_k[body1[j]] for j in st.outs}
     for n, users in after_blocks.items():  # after the blocks: read the last block's outputs
         for u in users:
             if u not in idx1:
                 u.replace_input_with(n, prev[idx1[n]])
     graph.lint()
     full.recompile()
-    return full, stamp
+    return full
+
+
+def stamp_graph(two: fx.GraphModule, model: nn.Module, blocks: RepeatedList) -> tuple[fx.GraphModule, Stamp]:
+    """:func:`stamp` and :func:`build_stamped` together."""
+    st = stamp(two, blocks)
+    return build_stamped(two, model, st), st

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from tpshard.compiler.blocks import NotRepeatable, find_repeated, stamp_graph, truncated
+from tpshard.compiler.blocks import NotRepeatable, build_stamped, find_repeated, stamp, truncated
 from tpshard.compiler.capture_export import capture_export
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.ir import describe_fx
@@ -351,18 +351,22 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
     try:
         with truncated(model, blocks):
             two = _capture_whole(model, example_inputs, example_kwargs, method)
-        gm, stamp = stamp_graph(two.gm, model, blocks)
+        st = stamp(two.gm, blocks)
     except Exception as e:  # noqa: BLE001 - captured whole instead; the reason goes in the note
         why = str(e).splitlines()[0] if isinstance(e, NotRepeatable) else f"the two-block capture failed ({type(e).__name__})"
         c = _capture_whole(model, example_inputs, example_kwargs, method)
         c.note = "; ".join(filter(None, [c.note, f"{blocks.container or 'the model'}: {blocks.count} blocks "
                                                  f"captured whole: {why}"]))
         return c
-    ops = describe_aten(gm) if two.kind == "export" else describe_fx(gm)
     note = (f"{blocks.container or 'the model'}: {blocks.count} identical blocks, two captured; "
             f"{blocks.block(2)} .. {blocks.block(blocks.count - 1)} stamped from {blocks.block(1)}")
-    return Captured(gm, ops, two.kind, model, two.example_inputs, two.example_kwargs,
-                    "; ".join(filter(None, [two.note, note])), repeated=(two, stamp))
+
+    def build() -> tuple[fx.GraphModule, list]:  # the full graph, when something needs it
+        gm = build_stamped(two.gm, model, st)
+        return gm, describe_aten(gm) if two.kind == "export" else describe_fx(gm)
+
+    return Captured(None, None, two.kind, model, two.example_inputs, two.example_kwargs,
+                    "; ".join(filter(None, [two.note, note])), repeated=(two, st), build=build)
 
 
 def _capture_whole(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str) -> Captured:

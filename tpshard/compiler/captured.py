@@ -7,7 +7,7 @@ and in-place mode read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch.fx as fx
 import torch.nn as nn
@@ -19,8 +19,11 @@ __all__ = ["Captured"]
 
 @dataclass
 class Captured:
-    gm: fx.GraphModule
-    ops: list[Op]
+    """``gm`` and ``ops`` may be built on first use (``build``): a stamped capture's full graph,
+    which planning a block once does not need (``tpshard.plan`` of a 70B model never builds it)."""
+
+    _gm: fx.GraphModule | None
+    _ops: list[Op] | None
     kind: str  # "fx" or "export"
     model: nn.Module | None = None  # the original (for what tracing does not keep: buffer persistence)
     example_inputs: tuple = ()
@@ -29,3 +32,19 @@ class Captured:
     # repeated blocks (tpshard.compiler.blocks): the two-block capture and how this graph was
     # stamped from it, for planning the blocks once; None: captured whole
     repeated: tuple[Any, Any] | None = None
+    build: Callable[[], tuple[fx.GraphModule, list[Op]]] | None = field(default=None, repr=False)
+
+    def _built(self) -> None:
+        if self._gm is None and self.build is not None:
+            self._gm, self._ops = self.build()
+            self.build = None
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        self._built()
+        return self._gm
+
+    @property
+    def ops(self) -> list[Op]:
+        self._built()
+        return self._ops
