@@ -85,8 +85,8 @@ class ModulePlan:
     """The style of one linear or embedding use (``path`` is its module, or module:node)."""
 
     path: str
-    kind: str                    # linear | embedding
-    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather;
+    kind: str                    # linear | embedding | experts (a routed experts region)
+    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather | expert_tp;
                                  # for a module's other parameters (kind "module"): replicate | sliced
     params: list[str] = field(default_factory=list)
     reason: str = ""
@@ -362,6 +362,10 @@ class Plan:
         unsupported: list[str] = []
         for path, m in self.modules.items():
             if m.style == "replicate":
+                continue
+            if m.kind == "experts":
+                unsupported.append(f"{path}: routed experts split along every expert's hidden dim ({m.style}), "
+                                   f"which {target}'s styles do not express")
                 continue
             weight = self.params.get(f"{path}.weight")
             natural = {"column": 0, "column_no_gather": 0, "row": 1, "vocab": 0, "embed_dim": 1}[m.style]

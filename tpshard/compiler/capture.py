@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from tpshard.compiler.capture_export import capture_export
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.ir import describe_fx
+from tpshard.compiler.moe import attach, find_regions, regions_as_nodes
 
 __all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
 
@@ -42,11 +43,14 @@ class CaptureError(RuntimeError):
 class _Tracer(fx.Tracer):
     """torch.nn layers without sublayers are leaves; remembers where tracing failed."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: frozenset = frozenset()) -> None:
         super().__init__()
         self.failed_in: str | None = None
+        self.leaves = leaves  # experts regions (tpshard.compiler.moe): one node each
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
         # A torch.nn layer made of other layers (nn.TransformerEncoder, nn.MultiheadAttention)
         # is traced through: as a leaf it would be one opaque call that no rule can split.
         if next(iter(m.children()), None) is not None:
@@ -87,10 +91,11 @@ def _signature_args(model: nn.Module, n_args: int, kwargs: dict[str, Any]) -> di
     return concrete
 
 
-def trace(model: nn.Module, n_args: int = 1, kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, n_args: int = 1, kwargs: dict[str, Any] | None = None,
+          leaves: frozenset = frozenset()) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`CaptureError` naming the failing module."""
     kwargs = kwargs or {}
-    tracer = _Tracer()
+    tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model, concrete_args=_signature_args(model, n_args, kwargs) or None)
     except Exception as e:
@@ -189,16 +194,26 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
             method: str = "auto") -> Captured:
     """Capture ``model``: symbolic tracing first, ``torch.export`` when tracing fails.
 
-    ``method``: "auto", "fx" (symbolic tracing only) or "export".
+    ``method``: "auto", "fx" (symbolic tracing only) or "export". Routed experts modules
+    (:mod:`tpshard.compiler.moe`) are captured as one node each.
     """
     example_kwargs = dict(example_kwargs or {})
     example_inputs = tuple(example_inputs)
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"capture method {method!r}: use 'auto', 'fx' or 'export'")
+    regions = find_regions(model, example_inputs, example_kwargs)
+    with regions_as_nodes(regions):
+        c = _capture(model, example_inputs, example_kwargs, method, frozenset(r.path for r in regions))
+    attach(c.gm, c.ops, regions)
+    return c
+
+
+def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str,
+             leaves: frozenset) -> Captured:
     if method == "export":
         return capture_export(model, _require_inputs(model, example_inputs, example_kwargs), example_kwargs)
     try:
-        return _capture_fx(model, example_inputs, example_kwargs)
+        return _capture_fx(model, example_inputs, example_kwargs, leaves)
     except CaptureError as fx_error:
         if method == "fx":
             raise
@@ -217,8 +232,9 @@ def _require_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
     raise CaptureError(f"capturing {type(model).__name__} with torch.export needs example_inputs=(...)")
 
 
-def _capture_fx(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Captured:
-    gm = trace(model, len(example_inputs), example_kwargs)
+def _capture_fx(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any],
+                leaves: frozenset = frozenset()) -> Captured:
+    gm = trace(model, len(example_inputs), example_kwargs, leaves)
     if not example_inputs and not example_kwargs:
         example_inputs = infer_example_inputs(model, gm)
     args = []

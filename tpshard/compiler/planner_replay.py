@@ -193,7 +193,8 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
         if A.partial_grad_params(op, out):  # a norm module on split values: its own parameters
             edits[("copy_params", op.name)] = Edit(kind="copy_params", node=op.name)
         kept = [i for i, (p, need) in enumerate(zip(ins, needs)) if isinstance(p, A.Partial) and need == A.SAME]
-        if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1:
+        if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1 \
+                and op.attrs.get("fn") != "mul":
             # P + R: the add passes P on; R is added once after the reduce (an addend "%name@add").
             edits[("skip_add", op.name)] = Edit(kind="skip_add", node=op.name, dim=kept[0])
         if op.node.op != "call_module":  # functional layers: the rewriter edits the call itself
@@ -264,15 +265,16 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
     modules: dict[str, ModulePlan] = {}
     owner_of: dict[str, str] = {}
     for op in pl.ops:
-        if op.kind not in ("linear", "embedding"):
+        if op.kind not in ("linear", "embedding", "experts"):
             continue
         key = _key(op)
         style = s.styles.get(op.name) or "replicate"
-        names = [x for x in (op.attrs.get("weight"), op.attrs.get("bias")) if x]
+        names = op.attrs["params"] if op.kind == "experts" else [
+            x for x in (op.attrs.get("weight"), op.attrs.get("bias")) if x]
         split = next((params[x] for x in names if params[x].dim is not None), None)
         reason = pl.reasons.get(op.name) or _region_reason(pl, op, style)
         modules[key] = ModulePlan(path=key, kind=op.kind, style=style, params=names, reason=reason,
-                                  segments=split.segments if split else None)
+                                  segments=split.segments if split and op.kind != "experts" else None)
         owner_of[op.name] = key
     covered = {x for m in modules.values() for x in m.params}
     leftovers: dict[str, list[str]] = {}

@@ -52,7 +52,19 @@ def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> 
         return _local_conv(orig, path, style, plan, group)
     if style in SPLIT_STYLES:  # the layer without its collectives: they are graph nodes here
         return parallel_layer(orig, style, mp.segments, group, in_graph=True)
+    if style == "expert_tp":  # a routed experts region: its own code on this rank's shards (moe.py)
+        return _local_params(orig, path, plan, group)
     return copy.deepcopy(orig)
+
+
+def _local_params(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
+    new = copy.deepcopy(orig)
+    for name, p in orig.named_parameters():
+        owner_path, _, attr = name.rpartition(".")
+        local = plan.params[f"{path}.{name}"].shard(p.detach(), group.rank, group.size).clone()
+        setattr(new.get_submodule(owner_path) if owner_path else new, attr,
+                nn.Parameter(local, requires_grad=p.requires_grad))
+    return new
 
 
 def _local_conv(orig: nn.Module, path: str, style: str, plan: Plan, group: comm.Group) -> nn.Module:
