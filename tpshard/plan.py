@@ -100,7 +100,9 @@ class Edit:
 
     - copy: ``node``'s value enters the parallel region for ``users`` (fwd identity, bwd all-reduce):
       the input of a column linear, or any replicated value (a parameter, a broadcast term) that
-      meets split values whole, whose gradient each rank computes only in part
+      meets split values whole, whose gradient each rank computes only in part. Copies with the
+      same ``joint`` number (a mixture-of-experts layer's tokens, routing weights and shared
+      expert gate) enter together: one bwd all-reduce of all their gradients
     - reduce: all-reduce ``node`` (a partial sum) for ``users``, then add ``biases`` once
       (parameter names, or "%name" for a replicated node added to the partial sum)
     - gather: all-gather ``node`` along ``dim`` (``segments`` layout) for ``users``
@@ -140,6 +142,7 @@ class Edit:
     size: int | None = None
     sizes: list[int] | None = None
     reduced: bool = False
+    joint: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,9 @@ class Plan:
         d = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
         if not d["sequence"]:  # plans without sequence parallelism read as before
             del d["sequence"]
+        for e in d["edits"]:  # as do edits outside joint copies
+            if e["joint"] is None:
+                del e["joint"]
         return d
 
     def to_json(self, indent: int | None = 1) -> str:

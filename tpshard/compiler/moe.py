@@ -56,10 +56,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tpshard import layout
+from tpshard import comm, layout
 from tpshard.compiler.ir import Op
 
-__all__ = ["Region", "find_regions", "regions_as_nodes", "attach", "probe", "EXPERT_STYLE"]
+__all__ = ["Region", "find_regions", "regions_as_nodes", "attach", "probe", "EXPERT_STYLE", "copy_joint"]
 
 EXPERT_STYLE = "expert_tp"
 _MAX_COMBOS = 128
@@ -210,6 +210,28 @@ def attach(gm: fx.GraphModule, ops: list[Op], regions: list[Region]) -> None:
     for op in ops if replaced else ():
         op.tensors = [replaced.get(t, t) for t in op.tensors]
     gm.recompile()
+
+
+def copy_joint(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors enter the parallel region together (a Plan's joint copies): forward the same
+    values (each in its own dtype), backward one all-reduce of all their gradients, flattened
+    into one buffer of the widest dtype.
+
+    Example::
+
+        >>> a, b = copy_joint(None, torch.ones(2), torch.zeros(3, dtype=torch.float32))
+        >>> a.tolist(), b.shape
+        ([1.0, 1.0], torch.Size([3]))
+    """
+    g = comm.resolve_group(group)
+    if g.size == 1:
+        return tensors
+    wide = torch.promote_types(tensors[0].dtype, tensors[0].dtype)
+    for t in tensors[1:]:
+        wide = torch.promote_types(wide, t.dtype)
+    flat = comm.mp_copy(torch.cat([t.reshape(-1).to(wide) for t in tensors]), g)
+    pieces = flat.split([t.numel() for t in tensors])
+    return tuple(p.view(t.shape).to(t.dtype) for p, t in zip(pieces, tensors))
 
 
 # -- the split, found on random parameters --------------------------------------------------------
