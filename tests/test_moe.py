@@ -210,10 +210,30 @@ def _broken_case(rank: int, world: int) -> dict:
     return {"output": rel_error(sharded(x).detach(), ref(x).detach())}
 
 
-@pytest.mark.timeout(120)
-def test_the_parity_check_fails_without_the_experts_all_reduce() -> None:
-    results = run_ranks(lambda rank, world: _broken_case(rank, world), 2, timeout=100)
-    assert all(r["output"] > 1e-3 for r in results), results
+def _sequence_case(rank: int, world: int) -> dict:
+    """The hand-written MoE with sequence parallelism: norms on sequence shards, the MoE's
+    partial sum reduce-scattered."""
+    torch.manual_seed(0)
+    model = HandMoE().to(DT)
+    models.randomize_(model)
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1), dtype=DT)
+    sharded = tpshard.parallelize(model, world, example_inputs=(x,), sequence_parallel=True)
+    return _step(sharded, ref, lambda m: m(x), sharded.tpshard_plan, rank, world)
+
+
+def _misc_body(rank: int, world: int) -> dict:
+    return {"broken": _broken_case(rank, world), "sequence": _sequence_case(rank, world)}
+
+
+@pytest.mark.timeout(180)
+def test_the_parity_check_fails_without_the_experts_all_reduce_and_sequence_parallel_holds() -> None:
+    results = run_ranks(_misc_body, 2, timeout=160)
+    assert all(r["broken"]["output"] > 1e-3 for r in results), [r["broken"] for r in results]
+    for r in results:
+        bad = {k: v for k, v in r["sequence"]["errors"].items() if not v <= RTOL}
+        assert not bad, bad
+    assert results[0]["sequence"]["styles"]["experts"] == "expert_tp"
 
 
 def test_experts_that_do_not_add_up_are_kept_whole_with_the_reason() -> None:

@@ -59,7 +59,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tpshard import comm, layout
 from tpshard.compiler.ir import Op
 
-__all__ = ["Region", "find_regions", "regions_as_nodes", "attach", "probe", "EXPERT_STYLE", "copy_joint"]
+__all__ = ["Region", "find_regions", "regions_as_nodes", "attach", "probe", "describe_split", "EXPERT_STYLE",
+           "copy_joint"]
 
 EXPERT_STYLE = "expert_tp"
 _MAX_COMBOS = 128
@@ -237,6 +238,14 @@ def copy_joint(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 # -- the split, found on random parameters --------------------------------------------------------
 def _role(name: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name)
+
+
+def describe_split(split: dict[str, tuple[int, tuple[int, ...] | None]]) -> str:
+    """"gate_up_proj dim 1 [48, 48], down_proj dim 2"; experts in a ModuleList once, as ``*``."""
+    seen: dict[str, str] = {}
+    for k, (dim, segs) in split.items():
+        seen.setdefault(_role(k), f"{_role(k)} dim {dim}" + (f" {list(segs)}" if segs else ""))
+    return ", ".join(seen.values())
 
 
 def _options(shape: tuple[int, ...], world: int, stacked: bool) -> list[tuple[int, tuple[int, ...] | None] | None]:

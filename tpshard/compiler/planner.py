@@ -34,7 +34,7 @@ import torch.fx as fx
 from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
-from tpshard.compiler.moe import EXPERT_STYLE, probe
+from tpshard.compiler.moe import EXPERT_STYLE, describe_split, probe
 from tpshard.compiler.planner_replay import replay
 from tpshard.compiler.styles import STYLES
 from tpshard.plan import Plan, PlanError
@@ -359,9 +359,16 @@ class _Planner:
         if trial is None:
             return self.replicate(op, f"kept whole: {failures[0].reason} (at node {failures[0].op.name!r})")
         self.commit(trial)
-        dims = ", ".join(f"{k} dim {d}" + (f" {list(s)}" if s else "") for k, (d, s) in split.items())
         self.reasons[op.name] = (f"expert tensor parallelism over {region.experts} experts, recognized as "
-                                 f"{region.form}: hidden dim split ({dims}); partial sums reduced with the layer's")
+                                 f"{region.form}: hidden dim split ({describe_split(split)}); partial sums "
+                                 "reduced with the layer's")
+        routing = self.reachable(op.node, lambda o: o.kind != "linear", reverse=True) - {op.tensors[0]}
+        for n in routing:  # the router: whole, so that every rank routes alike
+            other = self.ops[self.index[n]]
+            if other.kind == "linear" and self.state.styles.get(other.name) == "replicate" \
+                    and n not in self.reachable(op.tensors[0], lambda o: True, reverse=True):
+                self.reasons[other.name] = ("the router of " + _key(op) + ": kept whole, so every rank routes alike "
+                                            f"({self.reasons.get(other.name, '')})")
 
     def seed_linear(self, op: Op) -> None:
         ov = self.override(op)
