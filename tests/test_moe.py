@@ -261,6 +261,25 @@ def test_plan_names_the_recognized_form_and_round_trips() -> None:
         assert type(plan).from_json(plan.to_json()) == plan
 
 
+def test_a_model_on_the_meta_device_gets_the_same_plan() -> None:
+    """On meta nothing runs: the experts are captured by their structure, the call read from the
+    graph, the split found on random CPU values (what checkpoint sharding plans with)."""
+    torch.manual_seed(0)
+    hand = HandMoE().to(DT)
+    x = torch.randn(3, 5, 16, dtype=DT)
+    cases = [(hand, HandMoE().to(DT).to("meta"), (x,), {}),
+             (hf_model("mixtral", layers=1), None, (torch.randint(0, 64, (2, 8)),), {"use_cache": False})]
+    for real, meta, args, kwargs in cases:
+        if meta is None:
+            with torch.device("meta"):
+                meta = type(real)(real.config).to(DT)
+        want = tpshard.plan(real, 2, example_inputs=args, example_kwargs=kwargs)
+        got = tpshard.plan(meta, 2, example_inputs=tuple(a.to("meta") for a in args), example_kwargs=kwargs)
+        assert got.params == want.params
+        assert {k: m.style for k, m in got.modules.items()} == {k: m.style for k, m in want.modules.items()}
+        assert got.edits == want.edits
+
+
 def test_a_hidden_size_the_world_does_not_divide_keeps_the_experts_whole() -> None:
     torch.manual_seed(0)
     model = HandMoE(h=6).to(DT)  # 6 does not split over 4 ranks

@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from tpshard.compiler.capture_export import capture_export
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.ir import describe_fx
-from tpshard.compiler.moe import attach, find_regions, regions_as_nodes
+from tpshard.compiler.moe import attach, find_regions, regions_as_nodes, stand_ins
 
 __all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
 
@@ -201,7 +201,8 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
     example_inputs = tuple(example_inputs)
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"capture method {method!r}: use 'auto', 'fx' or 'export'")
-    regions = find_regions(model, example_inputs, example_kwargs)
+    on_meta = any(p.is_meta for p in model.parameters())
+    regions = stand_ins(model) if on_meta else find_regions(model, example_inputs, example_kwargs)
     with regions_as_nodes(regions):
         c = _capture(model, example_inputs, example_kwargs, method, frozenset(r.path for r in regions))
     attach(c.gm, c.ops, regions)

@@ -57,9 +57,9 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tpshard import comm, layout
-from tpshard.compiler.ir import Op
+from tpshard.compiler.ir import Op, shape_of
 
-__all__ = ["Region", "find_regions", "regions_as_nodes", "attach", "probe", "describe_split", "EXPERT_STYLE",
+__all__ = ["Region", "find_regions", "stand_ins", "regions_as_nodes", "attach", "probe", "describe_split", "EXPERT_STYLE",
            "copy_joint"]
 
 EXPERT_STYLE = "expert_tp"
@@ -118,10 +118,20 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _form(module: nn.Module, args: tuple) -> str:
+def _form(module: nn.Module, args: tuple, experts: int) -> str:
+    """The form of the experts, from the aten ops of one call (on random CPU values when the
+    module is on the meta device)."""
     rec = _OpNames()
-    with torch.no_grad(), rec:
-        module(*args)
+    params = None
+    if any(p.is_meta for p in module.parameters()) or any(a.is_meta for a in args):
+        g = torch.Generator().manual_seed(0)
+        params = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in module.named_parameters()}
+        args = _random_args(args, experts, g)
+    try:
+        with torch.no_grad(), rec:
+            module(*args) if params is None else torch.func.functional_call(module, params, args)
+    except Exception as e:  # noqa: BLE001 - the probe will say why it cannot be split
+        return f"experts that did not run outside the model ({type(e).__name__})"
     batched = sorted(rec.names & {"bmm", "baddbmm", "_grouped_mm", "grouped_mm_fallback", "grouped_mm"})
     gathered = sorted(rec.names & {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_"})
     if batched:
@@ -131,9 +141,37 @@ def _form(module: nn.Module, args: tuple) -> str:
     return "per-expert products (" + ", ".join(sorted(rec.names & {"mm", "addmm", "linear", "matmul"})) + ")"
 
 
+def _is_ids(x: torch.Tensor, experts: int) -> bool:
+    """An integer tensor of expert ids (on the meta device: any integer tensor)."""
+    if x.is_floating_point() or not x.numel():
+        return False
+    return x.is_meta or (0 <= int(x.min()) and int(x.max()) < experts)
+
+
+def _candidates(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+    cands: dict[str, tuple[nn.Module, int]] = {}
+    for path, m in model.named_modules():
+        if path and not any(path.startswith(c + ".") for c in cands) and (e := _expert_count(m)):
+            cands[path] = (m, e)
+    return cands
+
+
+def stand_ins(model: nn.Module) -> list[Region]:
+    """On the meta device nothing can run: every candidate is captured as one node, its call
+    read from the graph (:func:`attach`); one that is not called as experts is kept whole."""
+    return [Region(path, m, (), e, "") for path, (m, e) in _candidates(model).items()]
+
+
+def _valid(a: tuple, out: Any, experts: int) -> bool:
+    return bool(a and all(isinstance(x, torch.Tensor) for x in a) and a[0].is_floating_point()
+                and any(_is_ids(x, experts) for x in a)
+                and isinstance(out, torch.Tensor) and out.shape == a[0].shape and out.dtype == a[0].dtype)
+
+
 def find_regions(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[Region]:
-    """The experts modules of ``model``, their calls recorded in one eager forward (see module doc)."""
-    cands = {path: (m, e) for path, m in model.named_modules() if path and (e := _expert_count(m))}
+    """The experts modules of ``model``, their calls recorded in one forward on the example
+    inputs (see module doc)."""
+    cands = _candidates(model)
     if not cands or not (args or kwargs) or any(p.is_meta for p in model.parameters()):
         return []
     calls: dict[str, tuple] = {}
@@ -153,17 +191,11 @@ def find_regions(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[
     finally:
         for h in handles:
             h.remove()
-    regions = []
+    regions: list[Region] = []
     for path, (a, out) in calls.items():
-        if any(path.startswith(r.path + ".") for r in regions):
-            continue
-        ok = (a and all(isinstance(x, torch.Tensor) for x in a) and a[0].is_floating_point()
-              and any(not x.is_floating_point() and x.numel() and 0 <= int(x.min()) and int(x.max()) < cands[path][1]
-                      for x in a)
-              and isinstance(out, torch.Tensor) and out.shape == a[0].shape and out.dtype == a[0].dtype)
-        if ok:
-            m, e = cands[path]
-            regions.append(Region(path, m, tuple(x.detach().clone() for x in a), e, _form(m, a)))
+        m, e = cands[path]
+        if _valid(a, out, e):
+            regions.append(Region(path, m, tuple(x.detach().clone() for x in a), e, _form(m, a, e)))
     return regions
 
 
@@ -205,6 +237,19 @@ def attach(gm: fx.GraphModule, ops: list[Op], regions: list[Region]) -> None:
             replaced[n] = n = new
         else:
             continue
+        if not r.args:  # a stand-in (meta device): its call as the graph has it
+            def like(x: Any) -> Any:  # a meta tensor of the traced shape (symbolic sizes: their example)
+                v = x.meta.get("val") if isinstance(x, fx.Node) else None
+                if v is None and isinstance(x, fx.Node) and "tensor_meta" in x.meta:
+                    v = x.meta["tensor_meta"]
+                shape = shape_of(x)
+                return torch.empty(shape, dtype=v.dtype, device="meta") if isinstance(shape, tuple) else None
+
+            vals = [like(a) for a in n.args]
+            if all(isinstance(v, torch.Tensor) for v in vals):
+                r.args = tuple(vals)
+            out = like(n)
+            r.form = _form(r.module, r.args, r.experts) if _valid(r.args, out, r.experts) else ""
         params = [f"{r.path}.{k}" for k, _ in r.module.named_parameters()]
         ops[i] = Op(n, "experts", list(n.args), {"key": r.path, "region": r, "params": params,
                                                   "weight": None, "bias": None}, r.path)
@@ -259,9 +304,10 @@ def _options(shape: tuple[int, ...], world: int, stacked: bool) -> list[tuple[in
     return out + [None]
 
 
-def _random_args(r: Region, g: torch.Generator) -> tuple:
+def _random_args(args: tuple, experts: int, g: torch.Generator) -> tuple:
+    """CPU values shaped like ``args``: float64 tokens and weights, expert ids below ``experts``."""
     return tuple(torch.randn(a.shape, generator=g, dtype=torch.float64) if a.is_floating_point()
-                 else torch.randint(0, r.experts, a.shape, generator=g, dtype=a.dtype) for a in r.args)
+                 else torch.randint(0, experts, a.shape, generator=g, dtype=a.dtype) for a in args)
 
 
 def probe(r: Region, world: int) -> tuple[dict[str, tuple[int, tuple[int, ...] | None]] | None, str]:
@@ -284,7 +330,11 @@ def _probe(r: Region, world: int) -> tuple[dict[str, tuple[int, tuple[int, ...] 
     g = torch.Generator().manual_seed(0)
     full = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in named.items()}
     buffers = {k: (b.double() if b.is_floating_point() else b) for k, b in r.module.named_buffers()}
-    calls = [tuple(a.double() if a.is_floating_point() else a for a in r.args), _random_args(r, g), _random_args(r, g)]
+    if any(b.is_meta for b in buffers.values()):
+        return None, "kept whole: the experts' buffers are on the meta device, so their split cannot be checked"
+    calls = [_random_args(r.args, r.experts, g), _random_args(r.args, r.experts, g)]
+    if not any(a.is_meta for a in r.args):  # and the routing recorded on the example inputs
+        calls.append(tuple(a.double() if a.is_floating_point() else a for a in r.args))
 
     def run(params: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
         return torch.func.functional_call(r.module, {**params, **buffers}, args)

@@ -350,7 +350,8 @@ class _Planner:
         if ov == "replicate" or self.world_size == 1:
             return self.replicate(op, "override" if ov else "world size 1")
         region = op.attrs["region"]
-        split, why = probe(region, self.world_size)
+        split, why = probe(region, self.world_size) if region.form else (
+            None, "kept whole: parameters stacked per expert, but not called with tokens and expert ids")
         if split is None:
             if ov:
                 raise PlanError(f"override {ov!r} for {_key(op)} cannot be honored: {why}")
