@@ -259,6 +259,12 @@ def test_plan_names_the_recognized_form_and_round_trips() -> None:
         assert plan.params["model.layers.0.mlp.experts.down_proj"].dim == 2
         assert plan.modules["model.layers.0.mlp.gate"].style == "replicate"  # every rank routes alike
         assert type(plan).from_json(plan.to_json()) == plan
+    # Hugging Face's default on CPU, grouped_mm, runs in float32 only: the split is found in float32
+    model = tf.MixtralForCausalLM(hf_model("mixtral", layers=1).config)
+    model.config._experts_implementation = "grouped_mm"
+    plan = tpshard.plan(model, 2, example_inputs=(torch.randint(0, 64, (2, 8)),), example_kwargs={"use_cache": False})
+    experts = plan.modules["model.layers.0.mlp.experts"]
+    assert experts.style == "expert_tp" and "_grouped_mm" in experts.reason, experts.reason
 
 
 def test_a_model_on_the_meta_device_gets_the_same_plan() -> None:

@@ -184,8 +184,8 @@ def _pointwise(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
             return ins[0], [SAME]  # (a cast that rounds would round each partial: reduce first)
         if fn in ("mul", "div", "neg") and linear_in == {0} and len(ins) == 1 and not ins[0].biases:
             return ins[0], [SAME]  # scaled by a number
-        if _scales_partial(op, ins):
-            return Partial(), [SAME, SAME]  # scaled per token (see partial_grad_inputs)
+        if _scales_partial(op, ins) and not any(t.name in reduced for t in op.tensors):
+            return Partial(), [SAME, SAME]  # scaled per token (see partial_grad_inputs), unless reduced anyway
         return REPLICATED, need_replicated(op, ins)
     if not splits:
         return REPLICATED, need_replicated(op, ins)
