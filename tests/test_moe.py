@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tpshard
-from tpshard import models
+from tpshard import checkpoint, models
 from tpshard.verify.launch import run_ranks
 
 from _dist import comm_counts, rel_error
@@ -292,3 +292,23 @@ def test_a_hidden_size_the_world_does_not_divide_keeps_the_experts_whole() -> No
     plan = tpshard.plan(model, 4, example_inputs=(torch.randn(3, 5, 16, dtype=DT),),
                         overrides={"shared.*": "replicate"})  # (a dense MLP of 6 is an error; see the planner)
     assert plan.modules["experts"].style == "replicate" and "kept whole" in plan.modules["experts"].reason
+
+
+def test_a_checkpoint_holds_each_ranks_expert_shards(tmp_path) -> None:  # noqa: ANN001
+    """Sharded offline (planned on the meta device), each rank's file loads as that rank's experts."""
+    torch.manual_seed(0)
+    real = HandMoE().to(DT)
+    models.randomize_(real)
+    x = torch.randn(3, 5, 16, dtype=DT)
+
+    def factory() -> tuple:
+        return HandMoE().to(DT), (x,)
+
+    checkpoint.save_sharded(factory, tmp_path / "ckpt", 2, weights=real.state_dict(), progress=False)
+    want = tpshard.plan(real, 2, example_inputs=(x,))
+    state = real.state_dict()
+    for rank in range(2):
+        module = tpshard.load_sharded(factory, tmp_path / "ckpt", rank=rank)
+        assert module.tpshard_plan.modules["experts"].style == "expert_tp"
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(p.detach(), want.params[name].shard(state[name], rank, 2), rtol=0, atol=0)

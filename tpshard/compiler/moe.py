@@ -82,7 +82,8 @@ _LIVE: dict[int, nn.Module] = {}
 
 @torch.library.custom_op("tpshard::experts_region", mutates_args=())
 def _experts_region(args: list[torch.Tensor], region: int) -> torch.Tensor:
-    return _LIVE[region](*args).clone()
+    module = _LIVE[region]  # (only if a capture runs it on real values: its class forward)
+    return type(module).forward(module, *args).clone()
 
 
 @_experts_region.register_fake
@@ -201,6 +202,7 @@ def find_regions(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[
 @contextlib.contextmanager
 def regions_as_nodes(regions: list[Region]) -> Iterator[None]:
     """While capturing, each region's forward is one custom op (a fake kernel gives its shape)."""
+    saved = {id(r): r.module.__dict__.get("forward") for r in regions}  # a forward set on the instance
     for r in regions:
         key = id(r)
         _LIVE[key] = r.module
@@ -210,7 +212,9 @@ def regions_as_nodes(regions: list[Region]) -> Iterator[None]:
     finally:
         for r in regions:
             _LIVE.pop(id(r), None)
-            del r.module.forward  # the class's forward again
+            del r.module.forward  # the class's forward again, or the instance's own
+            if saved[id(r)] is not None:
+                r.module.forward = saved[id(r)]
 
 
 def attach(gm: fx.GraphModule, ops: list[Op], regions: list[Region]) -> None:
