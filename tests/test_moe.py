@@ -4,7 +4,7 @@ Hugging Face Mixtral (its eager loop and its batched bmm form), Qwen2-MoE (a sha
 with a sigmoid gate), Qwen3-MoE, and a hand-written loop MoE (a ModuleList of experts, top-2
 routing, index_add_, a shared expert), float64 on real gloo ranks: outputs, every gradient
 (router and experts), an SGD step, each rank's parameter fraction, and the collectives per
-MoE layer counted with CommDebugMode.
+MoE layer counted at dispatch, as CommDebugMode counts them (without its module tracker).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ What the region computes is established by its data flow, not by names:
    splits every expert's hidden dim: gate/up projections by their output rows (a fused
    gate_up by its two segments), the down projection by its input columns. Which dims those
    are is found by running the module's own code on each rank's shard of random float64
-   parameters, random tokens, and random and recorded routings: the split is taken only when
+   parameters (float32 where its kernels take no float64, as Hugging Face's grouped_mm on CPU),
+   random tokens, and random and recorded routings: the split is taken only when
    the shards' outputs add up to the whole module's output (then the region's output is a
    partial sum, reduced once with the shared expert's and the rest of the layer's). Anything
    else (a bias or a norm after the down projection, sizes read from attributes, a hidden dim
