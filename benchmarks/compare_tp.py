@@ -1,13 +1,15 @@
 """tpshard against DTensor and hand-written tensor parallelism: training and inference steps.
 
-Three rank modules of the same reference model (:mod:`tpshard.models` GPT and Llama), run side
-by side in the same rank processes on real ``torch.distributed`` gloo ranks:
+Three rank modules of the same reference model (:mod:`tpshard.models` GPT and Llama, and the
+mixture of experts of ``benchmarks/moe_model.py``), run side by side in the same rank processes
+on real ``torch.distributed`` gloo ranks:
 
 (a) ``tpshard``      ``tpshard.parallelize(model, world)``: no plan written;
 (b) ``dtensor``      ``torch.distributed.tensor.parallel.parallelize_module`` with the hand-written
                      plan of PyTorch's TP tutorial (see :func:`build_dtensor`);
 (c) ``handwritten``  a Megatron-style model built from tpshard's layers
-                     (``benchmarks/handwritten.py``).
+                     (``benchmarks/handwritten.py``; for the MoE, expert tensor parallelism
+                     written by hand, ``benchmarks/moe_model.py``; it has no (b)).
 
 Per case (model, size, world size): a training step (forward, cross-entropy loss, backward,
 AdamW step) and an inference forward (``torch.no_grad``), each timed on every rank after a
@@ -71,6 +73,7 @@ from tpshard.verify.launch import run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from handwritten import build_handwritten  # noqa: E402
+from moe_model import HandwrittenMoELM, build_moe  # noqa: E402
 
 VARIANTS = ("tpshard", "dtensor", "handwritten")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,6 +91,10 @@ CASES: dict[str, dict[str, Any]] = {
     "llama_w512": dict(model="llama", batch=4, seq=64,
                        config=dict(hidden_size=512, intermediate_size=1408, n_head=8, n_kv_head=4,
                                    n_layer=4, vocab_size=512, max_seq=64)),
+    # A mixture of experts (benchmarks/moe_model.py): 8 SwiGLU experts, top-2, a shared expert.
+    # (c) is the hand-written expert-TP model; no DTensor plan expresses a loop over experts.
+    "moe_small": dict(model="moe", batch=4, seq=64,
+                      config=dict(vocab_size=512, d=128, hidden=256, experts=8, top_k=2, shared=256, n_layer=2)),
     # --smoke (the test suite): tiny and fast.
     "gpt_tiny": dict(model="gpt", batch=2, seq=8,
                      config=dict(n_embd=32, n_head=4, n_layer=1, vocab_size=64, block_size=8)),
@@ -102,10 +109,11 @@ CASES: dict[str, dict[str, Any]] = {
 MODES: dict[str, dict[str, Any]] = {
     "smoke": dict(runs=[("gpt_tiny", 2, 2), ("llama_tiny", 2, 2)], warmup=3, compile=(), aa=()),
     "quick": dict(runs=[("gpt_small", 2, 72), ("llama_small", 2, 48), ("gpt_w512", 2, 10),
-                        ("llama_small", 4, 8)],
+                        ("llama_small", 4, 8), ("moe_small", 2, 10)],
                   warmup=3, compile=(), aa=(("gpt_small", 2),)),
     "full": dict(runs=[(c, w, n) for w in (2, 4) for c, n in
-                       (("gpt_small", 72), ("llama_small", 72), ("gpt_w512", 24), ("llama_w512", 24))],
+                       (("gpt_small", 72), ("llama_small", 72), ("gpt_w512", 24), ("llama_w512", 24),
+                        ("moe_small", 24))],
                  warmup=4, compile=(("gpt_small", 2), ("llama_small", 2)), aa=(("gpt_small", 2), ("llama_small", 2))),
 }
 
@@ -275,8 +283,8 @@ def _rank_bench(rank: int, world: int, spec: dict) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if spec["device"] == "cuda" else torch.device("cpu")
     case = CASES[spec["case"]]
     torch.manual_seed(0)
-    ref, (ids,) = models.build(case["model"], dtype=torch.float32, device=device, batch=case["batch"],
-                               seq=case["seq"], **case["config"])
+    build = build_moe if case["model"] == "moe" else lambda **kw: models.build(case["model"], **kw)
+    ref, (ids,) = build(dtype=torch.float32, device=device, batch=case["batch"], seq=case["seq"], **case["config"])
     vocab = case["config"]["vocab_size"]
     targets = torch.randint(0, vocab, ids.shape, generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -284,12 +292,12 @@ def _rank_bench(rank: int, world: int, spec: dict) -> dict:
     builders: dict[str, Callable[[], nn.Module]] = {
         "tpshard": lambda: tpshard.parallelize(ref, world, example_inputs=(ids,)),
         "dtensor": lambda: build_dtensor(copy.deepcopy(ref), init_device_mesh(device.type, (world,))),
-        "handwritten": lambda: build_handwritten(ref),
+        "handwritten": lambda: HandwrittenMoELM(ref) if case["model"] == "moe" else build_handwritten(ref),
         # A/A control: a second, independent copy of (c). Its ratio to (c) is the noise floor of
         # this machine's ratios (two identical models differ only by noise).
-        "handwritten_aa": lambda: build_handwritten(ref),
+        "handwritten_aa": lambda: HandwrittenMoELM(ref) if case["model"] == "moe" else build_handwritten(ref),
     }
-    variants = [v for v in VARIANTS if v in spec["variants"]]
+    variants = [v for v in VARIANTS if v in spec["variants"] and not (v == "dtensor" and case["model"] == "moe")]
     if spec.get("aa") and "handwritten" in variants:
         variants.append("handwritten_aa")
     build_s: dict[str, float] = {}
@@ -409,19 +417,26 @@ def _summarize(case: str, world: int, per_rank: list[dict]) -> dict:
 
 def _targets(cases: list[dict], headline: dict) -> dict[str, bool]:
     """The issue's targets, each judged on what was measured (a missing variant: no entry)."""
-    at2 = [c for c in cases if c["world_size"] == 2]
+    dense = [c for c in cases if c["model"] != "moe"]  # (the MoE case has no DTensor variant)
+    at2 = [c for c in dense if c["world_size"] == 2]
     out: dict[str, bool] = {}
     for kind in ("train", "infer"):
-        if all("a/c" in c[kind] for c in at2):
+        if at2 and all("a/c" in c[kind] for c in at2):
             out[f"a/c <= 1.03 (world 2, every size, {kind})"] = all(c[kind]["a/c"] <= 1.03 for c in at2)
-        if all("a/b" in c[kind] for c in at2):
+        if at2 and all("a/b" in c[kind] for c in at2):
             out[f"a/b <= 1.0 (world 2, every size, {kind})"] = all(c[kind]["a/b"] <= 1.0 for c in at2)
+    for c in cases:
+        if c["model"] == "moe" and "a/c" in c["train"]:
+            out[f"moe a/c <= 1.03 (world {c['world_size']}, train)"] = c["train"]["a/c"] <= 1.03
+            out[f"moe collectives a <= c (world {c['world_size']})"] = all(
+                c["collectives"]["tpshard"][k]["total"] <= c["collectives"]["handwritten"][k]["total"]
+                for k in ("train", "infer"))
     if "a/b" in headline["train"]:
         out[f"a/b <= 0.85 ({headline['case']}, world {headline['world_size']}, train)"] = headline["train"]["a/b"] <= 0.85
-    if all("dtensor" in c["collectives"] for c in cases):
+    if dense and all("dtensor" in c["collectives"] for c in dense):
         out["collectives a <= b (every case)"] = all(
             c["collectives"]["tpshard"][k]["total"] <= c["collectives"]["dtensor"][k]["total"]
-            for c in cases for k in ("train", "infer"))
+            for c in dense for k in ("train", "infer"))
     return out
 
 

@@ -87,8 +87,8 @@ class ModulePlan:
     """The style of one linear or embedding use (``path`` is its module, or module:node)."""
 
     path: str
-    kind: str                    # linear | embedding
-    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather;
+    kind: str                    # linear | embedding | experts (a routed experts region)
+    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather | expert_tp;
                                  # for a module's other parameters (kind "module"): replicate | sliced
     params: list[str] = field(default_factory=list)
     reason: str = ""
@@ -102,7 +102,9 @@ class Edit:
 
     - copy: ``node``'s value enters the parallel region for ``users`` (fwd identity, bwd all-reduce):
       the input of a column linear, or any replicated value (a parameter, a broadcast term) that
-      meets split values whole, whose gradient each rank computes only in part
+      meets split values whole, whose gradient each rank computes only in part. Copies with the
+      same ``joint`` number (a mixture-of-experts layer's tokens, routing weights and shared
+      expert gate) enter together: one bwd all-reduce of all their gradients
     - reduce: all-reduce ``node`` (a partial sum) for ``users``, then add ``biases`` once
       (parameter names, or "%name" for a replicated node added to the partial sum)
     - gather: all-gather ``node`` along ``dim`` (``segments`` layout) for ``users``
@@ -142,6 +144,7 @@ class Edit:
     size: int | None = None
     sizes: list[int] | None = None
     reduced: bool = False
+    joint: int | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,9 @@ class Plan:
         for optional in ("sequence", "blocks"):  # plans without them read as before
             if not d[optional]:
                 del d[optional]
+        for e in d["edits"]:  # as do edits outside joint copies
+            if e["joint"] is None:
+                del e["joint"]
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -369,6 +375,10 @@ class Plan:
         unsupported: list[str] = []
         for path, m in self.modules.items():
             if m.style == "replicate":
+                continue
+            if m.kind == "experts":
+                unsupported.append(f"{path}: routed experts split along every expert's hidden dim ({m.style}), "
+                                   f"which {target}'s styles do not express")
                 continue
             weight = self.params.get(f"{path}.weight")
             natural = {"column": 0, "column_no_gather": 0, "row": 1, "vocab": 0, "embed_dim": 1}[m.style]

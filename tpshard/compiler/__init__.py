@@ -3,9 +3,10 @@
 Modules, each importing only those above it:
 
 - :mod:`~tpshard.compiler.ir`, :mod:`~tpshard.compiler.ir_aten`: what each graph node means;
-- :mod:`~tpshard.compiler.captured`, :mod:`~tpshard.compiler.capture_export`,
+- :mod:`~tpshard.compiler.captured`, :mod:`~tpshard.compiler.moe`, :mod:`~tpshard.compiler.capture_export`,
   :mod:`~tpshard.compiler.blocks`, :mod:`~tpshard.compiler.capture`: a model and example
-  inputs -> a graph with shapes (repeated blocks captured as two and stamped);
+  inputs -> a graph with shapes (routed experts as one node each; repeated blocks captured as
+  two and stamped);
 - :mod:`~tpshard.compiler.placement`, :mod:`~tpshard.compiler.rules_shape`,
   :mod:`~tpshard.compiler.analysis`: sharding propagation, rules as lookup tables;
 - :mod:`~tpshard.compiler.planner_replay`, :mod:`~tpshard.compiler.styles`,

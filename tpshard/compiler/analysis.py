@@ -29,7 +29,7 @@ __all__ = ["REPLICATED", "SAME", "Split", "Partial", "SplitSize", "Layouts", "Fa
 
 def transfer(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     """The output placement of ``op`` and the required placement of each input (see module doc)."""
-    if not any(p is not REPLICATED for p in ins) and op.kind not in ("linear", "embedding"):
+    if not any(p is not REPLICATED for p in ins) and op.kind not in ("linear", "embedding", "experts"):
         return (replicated_output(op), [SAME] * len(ins))
     rule = _RULES.get(op.kind, opaque)
     return rule(op, ins, d)
@@ -52,6 +52,10 @@ def partial_grad_inputs(op: Op, ins: list[Any], needs: list[Any], out: Any) -> l
     replicated). Invariant, by induction over the graph in reverse: every
     replicated value's gradient is whole on every rank once these inputs are reduced.
     """
+    if isinstance(out, Partial) and (op.kind == "experts" or _scales_partial(op, ins)):
+        # Experts split along their hidden dim, or a partial sum times a per-token scale (a
+        # shared expert's gate): the replicated operands' gradients are each rank's share.
+        return [i for i, p in enumerate(ins) if p is REPLICATED]
     if not _has_split(out) or op.kind == "output":
         return []
     # A partial input that must be whole is reduced on this edge first, then taken whole: the
@@ -69,6 +73,30 @@ def partial_grad_params(op: Op, out: Any) -> bool:
     """
     return op.kind == "norm" and op.node.op == "call_module" and op.attrs.get("has_params", False) \
         and _has_split(out)
+
+
+def _scales_partial(op: Op, ins: list[Any]) -> bool:
+    """A partial sum (no pending terms) times a replicated per-token scale (last dim 1, as a
+    shared expert's sigmoid gate): stays partial, the scale's gradient all-reduced in backward
+    (a collective of 1/d the size of reducing the product first)."""
+    if op.kind != "pointwise" or op.attrs.get("fn") != "mul" or len(ins) != 2:
+        return False
+    kinds = [isinstance(p, Partial) and not p.biases for p in ins]
+    if sorted(kinds) != [False, True] or ins[kinds.index(False)] is not REPLICATED:
+        return False
+    scale, value = shape_of(op.tensors[kinds.index(False)]), shape_of(op.tensors[kinds.index(True)])
+    return (isinstance(scale, tuple) and isinstance(value, tuple) and len(scale) == len(value) and scale[-1] == 1
+            and value[-1] > 1 and value == shape_of(op.node))
+
+
+def _experts(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
+    """A routed experts region (tpshard.compiler.moe): split along the experts' hidden dim, it
+    takes its inputs whole and returns a partial sum."""
+    if any(isinstance(p, Split) for p in ins):
+        raise Fail(op, "the experts' tokens or routing are split")
+    if d.linear_style(op) == "expert_tp":
+        return Partial(), [REPLICATED] * len(ins)
+    return REPLICATED, need_replicated(op, ins)
 
 
 def _has_split(p: Any) -> bool:
@@ -156,6 +184,8 @@ def _pointwise(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
             return ins[0], [SAME]  # (a cast that rounds would round each partial: reduce first)
         if fn in ("mul", "div", "neg") and linear_in == {0} and len(ins) == 1 and not ins[0].biases:
             return ins[0], [SAME]  # scaled by a number
+        if _scales_partial(op, ins) and not any(t.name in reduced for t in op.tensors):
+            return Partial(), [SAME, SAME]  # scaled per token (see partial_grad_inputs), unless reduced anyway
         return REPLICATED, need_replicated(op, ins)
     if not splits:
         return REPLICATED, need_replicated(op, ins)
@@ -325,5 +355,6 @@ _RULES = {
     "softmax": _softmax,
     "reduce": _reduce,
     "norm": _norm,
+    "experts": _experts,
     **SHAPE_RULES,
 }

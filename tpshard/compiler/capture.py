@@ -39,6 +39,7 @@ from tpshard.compiler.capture_export import capture_export
 from tpshard.compiler.captured import Captured
 from tpshard.compiler.ir import describe_fx
 from tpshard.compiler.ir_aten import describe_aten
+from tpshard.compiler.moe import attach, find_regions, regions_as_nodes, stand_ins
 
 __all__ = ["Captured", "CaptureError", "capture", "infer_example_inputs"]
 
@@ -50,11 +51,14 @@ class CaptureError(RuntimeError):
 class _Tracer(fx.Tracer):
     """torch.nn layers without sublayers are leaves; remembers where tracing failed."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: frozenset = frozenset()) -> None:
         super().__init__()
         self.failed_in: str | None = None
+        self.leaves = leaves  # experts regions (tpshard.compiler.moe): one node each
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
         # A torch.nn layer made of other layers (nn.TransformerEncoder, nn.MultiheadAttention)
         # is traced through: as a leaf it would be one opaque call that no rule can split.
         if next(iter(m.children()), None) is not None:
@@ -95,10 +99,11 @@ def _signature_args(model: nn.Module, n_args: int, kwargs: dict[str, Any]) -> di
     return concrete
 
 
-def trace(model: nn.Module, n_args: int = 1, kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, n_args: int = 1, kwargs: dict[str, Any] | None = None,
+          leaves: frozenset = frozenset()) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`CaptureError` naming the failing module."""
     kwargs = kwargs or {}
-    tracer = _Tracer()
+    tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model, concrete_args=_signature_args(model, n_args, kwargs) or None)
     except Exception as e:
@@ -269,7 +274,8 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
             method: str = "auto", repeated_blocks: bool = True, timeout_s: float | None = None) -> Captured:
     """Capture ``model``: symbolic tracing first, ``torch.export`` when tracing fails.
 
-    ``method``: "auto", "fx" (symbolic tracing only) or "export". With ``repeated_blocks``, a
+    ``method``: "auto", "fx" (symbolic tracing only) or "export". Routed experts modules
+    (:mod:`tpshard.compiler.moe`) are captured as one node each. With ``repeated_blocks``, a
     list of >= 3 identical blocks is captured as two and stamped (:mod:`tpshard.compiler.blocks`);
     ``Captured.note`` says so, or why it was captured whole.
 
@@ -345,16 +351,25 @@ def _running_line(frame: Any) -> str:
 
 def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str,
              repeated_blocks: bool) -> Captured:
+    on_meta = any(p.is_meta for p in model.parameters())
+    regions = stand_ins(model) if on_meta else find_regions(model, example_inputs, example_kwargs)
+
+    def whole() -> Captured:  # (the block list cut or not)
+        with regions_as_nodes(regions):
+            c = _capture_whole(model, example_inputs, example_kwargs, method, frozenset(r.path for r in regions))
+        attach(c.gm, c.ops, regions)
+        return c
+
     blocks = find_repeated(model) if repeated_blocks else None
     if blocks is None:
-        return _capture_whole(model, example_inputs, example_kwargs, method)
+        return whole()
     try:
         with truncated(model, blocks):
-            two = _capture_whole(model, example_inputs, example_kwargs, method)
+            two = whole()
         st = stamp(two.gm, blocks)
     except Exception as e:  # noqa: BLE001 - captured whole instead; the reason goes in the note
         why = str(e).splitlines()[0] if isinstance(e, NotRepeatable) else f"the two-block capture failed ({type(e).__name__})"
-        c = _capture_whole(model, example_inputs, example_kwargs, method)
+        c = whole()
         c.note = "; ".join(filter(None, [c.note, f"{blocks.container or 'the model'}: {blocks.count} blocks "
                                                  f"captured whole: {why}"]))
         return c
@@ -363,17 +378,20 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
 
     def build() -> tuple[fx.GraphModule, list]:  # the full graph, when something needs it
         gm = build_stamped(two.gm, model, st)
-        return gm, describe_aten(gm) if two.kind == "export" else describe_fx(gm)
+        ops = describe_aten(gm) if two.kind == "export" else describe_fx(gm)
+        attach(gm, ops, regions)  # the stamped blocks' experts, as block 1's
+        return gm, ops
 
     return Captured(None, None, two.kind, model, two.example_inputs, two.example_kwargs,
                     "; ".join(filter(None, [two.note, note])), repeated=(two, st), build=build)
 
 
-def _capture_whole(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str) -> Captured:
+def _capture_whole(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any], method: str,
+                   leaves: frozenset = frozenset()) -> Captured:
     if method == "export":
         return capture_export(model, _require_inputs(model, example_inputs, example_kwargs), example_kwargs)
     try:
-        return _capture_fx(model, example_inputs, example_kwargs)
+        return _capture_fx(model, example_inputs, example_kwargs, leaves)
     except CaptureError as fx_error:
         if method == "fx":
             raise
@@ -397,8 +415,9 @@ def _require_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
     raise CaptureError(f"capturing {type(model).__name__} with torch.export needs example_inputs=(...)")
 
 
-def _capture_fx(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any]) -> Captured:
-    gm = trace(model, len(example_inputs), example_kwargs)
+def _capture_fx(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any],
+                leaves: frozenset = frozenset()) -> Captured:
+    gm = trace(model, len(example_inputs), example_kwargs, leaves)
     if not example_inputs and not example_kwargs:
         example_inputs = infer_example_inputs(model, gm)
     args = []

@@ -34,6 +34,7 @@ import torch.fx as fx
 from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
+from tpshard.compiler.moe import EXPERT_STYLE, describe_split, probe
 from tpshard.compiler.planner_replay import replay
 from tpshard.compiler.styles import STYLES
 from tpshard.plan import Plan, PlanError
@@ -130,6 +131,15 @@ class _Trial:
         self._param(op, op.attrs["weight"], op.attrs.get("w_out", 1 if op.attrs.get("transposed") else 0), var)
         if op.attrs["bias"]:
             self._param(op, op.attrs["bias"], 0, var)
+        self.push(op.node)
+
+    def make_experts(self, op: Op, split: dict[str, Any]) -> None:
+        """Expert tensor parallelism: every expert's hidden dim split (see tpshard.compiler.moe)."""
+        self.styles[op.name] = EXPERT_STYLE
+        for rel, (dim, segments) in split.items():
+            name = f"{op.attrs['key']}.{rel}"
+            size = self.planner.param_shapes[name][dim]
+            self._param(op, name, dim, self.layouts.new(size, segments or (size,)))
         self.push(op.node)
 
     def make_vocab(self, op: Op) -> None:
@@ -258,6 +268,8 @@ class _Planner:
         for op in self.ops:
             if op.kind == "embedding" and op.name not in self.state.styles:
                 self.seed_embedding(op)
+            elif op.kind == "experts" and op.name not in self.state.styles:
+                self.seed_experts(op)
             elif op.kind == "linear" and op.name not in self.state.styles:
                 if not isinstance(self.state.place.get(op.tensors[0]), A.Split):  # R, or P reduced first
                     self.seed_linear(op)
@@ -330,6 +342,34 @@ class _Planner:
             return self.replicate(op, failures[0].args[0])
         self.commit(trial)
         self.reasons[op.name] = "vocabulary partition: masked lookup, partial sums reduced once"
+
+    def seed_experts(self, op: Op) -> None:
+        ov = self.override(op)
+        if ov not in (None, "replicate", EXPERT_STYLE):
+            raise PlanError(f"override {ov!r} does not apply to the experts {_key(op)}; use {EXPERT_STYLE} or replicate")
+        if ov == "replicate" or self.world_size == 1:
+            return self.replicate(op, "override" if ov else "world size 1")
+        region = op.attrs["region"]
+        split, why = probe(region, self.world_size) if region.form else (
+            None, "kept whole: parameters stacked per expert, but not called with tokens and expert ids")
+        if split is None:
+            if ov:
+                raise PlanError(f"override {ov!r} for {_key(op)} cannot be honored: {why}")
+            return self.replicate(op, why)
+        trial, failures = self.attempt(op, lambda t: t.make_experts(op, split))
+        if trial is None:
+            return self.replicate(op, f"kept whole: {failures[0].reason} (at node {failures[0].op.name!r})")
+        self.commit(trial)
+        self.reasons[op.name] = (f"expert tensor parallelism over {region.experts} experts, recognized as "
+                                 f"{region.form}: hidden dim split ({describe_split(split)}); partial sums "
+                                 "reduced with the layer's")
+        routing = self.reachable(op.node, lambda o: o.kind != "linear", reverse=True) - {op.tensors[0]}
+        for n in routing:  # the router: whole, so that every rank routes alike
+            other = self.ops[self.index[n]]
+            if other.kind == "linear" and self.state.styles.get(other.name) == "replicate" \
+                    and n not in self.reachable(op.tensors[0], lambda o: True, reverse=True):
+                self.reasons[other.name] = ("the router of " + _key(op) + ": kept whole, so every rank routes alike "
+                                            f"({self.reasons.get(other.name, '')})")
 
     def seed_linear(self, op: Op) -> None:
         ov = self.override(op)

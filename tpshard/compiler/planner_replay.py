@@ -110,7 +110,49 @@ def replay(pl: "_Planner") -> Plan:
             break
         reduced = reduced | now
     edits = _shard_sliced_params(pl, edits)
+    _join_copies(pl, place, edits)
     return _write_plan(pl, place, edits, {op.node: op for op in pl.ops})
+
+
+def _join_copies(pl: "_Planner", place: dict, edits: list[Edit]) -> None:
+    """In a mixture-of-experts layer, the copies whose partial gradients all end in the layer's
+    one reduce (the tokens into the experts and the shared expert, the routing weights, a shared
+    expert's gate) get one ``joint`` number: one backward all-reduce for all of them, as a dense
+    MLP has. Not where a copied value is computed from another's users (no order would do)."""
+    reduces = {e.node for e in edits if e.kind == "reduce"}
+    by_name = {op.name: op for op in pl.ops}
+
+    def reduce_of(start: fx.Node) -> str | None:
+        """The one reduced partial sum that ``start``'s split or partial values flow into."""
+        found, stack, seen = set(), [start], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.name in reduces:
+                found.add(n.name)
+                continue
+            stack.extend(u for u in n.users if place.get(u) is not A.REPLICATED)
+        return found.pop() if len(found) == 1 else None
+
+    moe = {reduce_of(op.node) for op in pl.ops
+           if op.kind == "experts" and isinstance(place.get(op.node), A.Partial)} - {None}
+    groups: dict[str, list[Edit]] = {}
+    for e in edits:
+        if e.kind == "copy":
+            ends = {reduce_of(by_name[u].node) for u in e.users}
+            if len(ends) == 1 and ends <= moe:
+                groups.setdefault(ends.pop(), []).append(e)
+    joint = 0
+    for members in groups.values():
+        sources = {by_name[e.node].node for e in members}
+        users = {by_name[u].node for e in members for u in e.users}
+        if len(members) < 2 or any(sources & pl.reachable(u, lambda o: True) for u in users):
+            continue
+        for e in members:
+            e.joint = joint
+        joint += 1
 
 
 def _shard_sliced_params(pl: "_Planner", edits: list[Edit]) -> list[Edit]:
@@ -193,7 +235,8 @@ def _replay_once(pl: "_Planner", reduced: frozenset) -> tuple[dict, list[Edit]]:
         if A.partial_grad_params(op, out):  # a norm module on split values: its own parameters
             edits[("copy_params", op.name)] = Edit(kind="copy_params", node=op.name)
         kept = [i for i, (p, need) in enumerate(zip(ins, needs)) if isinstance(p, A.Partial) and need == A.SAME]
-        if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1:
+        if isinstance(out, A.Partial) and op.kind == "pointwise" and len(op.tensors) == 2 and len(kept) == 1 \
+                and op.attrs.get("fn") != "mul":
             # P + R: the add passes P on; R is added once after the reduce (an addend "%name@add").
             edits[("skip_add", op.name)] = Edit(kind="skip_add", node=op.name, dim=kept[0])
         if op.node.op != "call_module":  # functional layers: the rewriter edits the call itself
@@ -264,15 +307,16 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
     modules: dict[str, ModulePlan] = {}
     owner_of: dict[str, str] = {}
     for op in pl.ops:
-        if op.kind not in ("linear", "embedding"):
+        if op.kind not in ("linear", "embedding", "experts"):
             continue
         key = _key(op)
         style = s.styles.get(op.name) or "replicate"
-        names = [x for x in (op.attrs.get("weight"), op.attrs.get("bias")) if x]
+        names = op.attrs["params"] if op.kind == "experts" else [
+            x for x in (op.attrs.get("weight"), op.attrs.get("bias")) if x]
         split = next((params[x] for x in names if params[x].dim is not None), None)
         reason = pl.reasons.get(op.name) or _region_reason(pl, op, style)
         modules[key] = ModulePlan(path=key, kind=op.kind, style=style, params=names, reason=reason,
-                                  segments=split.segments if split else None)
+                                  segments=split.segments if split and op.kind != "experts" else None)
         owner_of[op.name] = key
     covered = {x for m in modules.values() for x in m.params}
     leftovers: dict[str, list[str]] = {}
@@ -314,8 +358,13 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         owner = next((k for k, m in modules.items() if node.target in m.params), None)
         return owner or (node.target.rpartition(".")[0] or "<root>")
 
+    joined: set[int] = set()
     for e in edits:
+        if e.kind == "copy" and e.joint is not None and e.joint in joined:
+            continue  # one all-reduce for the joint copies
         if e.kind == "copy":
+            if e.joint is not None:
+                joined.add(e.joint)
             layer = owner_of.get(e.users[0])
             count(layer or param_row(e.node) or producer(e.users[0]), "bwd all_reduce")
         elif e.kind == "copy_params":

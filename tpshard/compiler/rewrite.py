@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import heapq
 import operator
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch.nn as nn
 from tpshard import comm
 from tpshard.compiler.capture import Captured
 from tpshard.compiler.ir import Op, shape_of
+from tpshard.compiler.moe import copy_joint
 from tpshard.compiler.sequence import full_size
 from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
 from tpshard.layers import vocab_parallel_lookup
@@ -52,7 +54,19 @@ def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> 
         return _local_conv(orig, path, style, plan, group)
     if style in SPLIT_STYLES:  # the layer without its collectives: they are graph nodes here
         return parallel_layer(orig, style, mp.segments, group, in_graph=True)
+    if style == "expert_tp":  # a routed experts region: its own code on this rank's shards (moe.py)
+        return _local_params(orig, path, plan, group)
     return copy.deepcopy(orig)
+
+
+def _local_params(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
+    new = copy.deepcopy(orig)
+    for name, p in orig.named_parameters():
+        owner_path, _, attr = name.rpartition(".")
+        local = plan.params[f"{path}.{name}"].shard(p.detach(), group.rank, group.size).clone()
+        setattr(new.get_submodule(owner_path) if owner_path else new, attr,
+                nn.Parameter(local, requires_grad=p.requires_grad))
+    return new
 
 
 def _local_conv(orig: nn.Module, path: str, style: str, plan: Plan, group: comm.Group) -> nn.Module:
@@ -192,6 +206,40 @@ def _vocab_lookup(node: fx.Node, vocab: int, g: comm.Group) -> None:
     node.kwargs = {}
 
 
+def _joint_order(graph: fx.Graph, joints: dict[int, list[Edit]], nodes: dict[str, fx.Node]) -> list[fx.Node]:
+    """The graph's nodes in order, except that the users of joint copies wait for the last value
+    the joint copies (a stable topological order: earlier nodes first where free)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if not joints:
+        return list(graph.nodes)
+    extra: dict[fx.Node, set[fx.Node]] = {}
+    for members in joints.values():
+        last = max((nodes[m.node] for m in members), key=order.__getitem__)
+        for m in members:
+            for u in m.users:
+                extra.setdefault(nodes[u], set()).add(last)
+    deps = {n: set(n.all_input_nodes) | extra.get(n, set()) for n in graph.nodes}
+    users: dict[fx.Node, list[fx.Node]] = {}
+    for n, ds in deps.items():
+        for d in ds:
+            users.setdefault(d, []).append(n)
+    waiting = {n: len(ds) for n, ds in deps.items()}
+    ready = [(order[n], n.name) for n in graph.nodes if not waiting[n]]
+    heapq.heapify(ready)
+    by_name = {n.name: n for n in graph.nodes}
+    out: list[fx.Node] = []
+    while ready:
+        n = by_name[heapq.heappop(ready)[1]]
+        out.append(n)
+        for u in users.get(n, ()):
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, (order[u], u.name))
+    if len(out) != len(order):
+        raise PlanError("the plan's joint copies cannot be ordered in this graph; make the plan from the same model")
+    return out
+
+
 def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule:
     """Build this rank's module from ``captured`` and ``plan`` (see module docstring)."""
     g = comm.resolve_group(group)
@@ -270,6 +318,12 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
                         trailing = (1,) * (len(shape_of(src)) - 2)
                         term = graph.call_method("view", (term, (-1, *trailing)))
                 out = graph.call_function(operator.add, (out, term))
+        elif e.kind == "copy" and e.joint is not None:  # with the others of its joint: one bwd all-reduce
+            members = joints[e.joint]
+            if ("joint", e.joint) not in made:
+                made[("joint", e.joint)] = graph.call_function(
+                    copy_joint, (group_node(), *(env[nodes[m.node]] for m in members)))
+            out = graph.call_function(operator.getitem, (made[("joint", e.joint)], members.index(e)))
         elif e.kind == "copy":
             out = graph.call_function(comm.mp_copy, (value, group_node()))
         elif e.kind == "all_gather_seq":
@@ -293,7 +347,11 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             value = apply(a, e, value)
         return value
 
-    for node in gm.graph.nodes:
+    joints: dict[int, list[Edit]] = {}
+    for e in plan.edits:
+        if e.kind == "copy" and e.joint is not None:
+            joints.setdefault(e.joint, []).append(e)
+    for node in _joint_order(gm.graph, joints, nodes):
         def lookup(a: fx.Node, user: fx.Node = node) -> fx.Node:
             return lookup_edge(a, user)
 

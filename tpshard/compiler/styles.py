@@ -44,8 +44,9 @@ LAYERS: dict[str, _Layer] = {
 }
 #: The styles that split a module's parameters; "replicate" keeps a module whole.
 SPLIT_STYLES = frozenset(LAYERS)
-#: Every style a Plan (or an override) may name.
-STYLES = SPLIT_STYLES | {"replicate"}
+#: Every style a Plan (or an override) may name; "expert_tp" splits a routed experts region
+#: (tpshard.compiler.moe) along every expert's hidden dim, its own code run on the shards.
+STYLES = SPLIT_STYLES | {"replicate", "expert_tp"}
 
 
 def parallel_layer(module: nn.Module, style: str, segments: Any, group: Any, *, in_graph: bool,
