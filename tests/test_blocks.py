@@ -66,7 +66,15 @@ CASES = {
     "gpt": lambda: (*reference("gpt"), {}),
     "llama": lambda: (*reference("llama"), {}),
     "mlp-stack": lambda: (mlp_stack(), (torch.randn(3, 8, dtype=DT),), {}),
+    "hf-mixtral": lambda: (moe("mixtral"), (IDS,), {"use_cache": False}),  # routed experts per block
+    "hf-qwen2-moe": lambda: (moe("qwen2_moe"), (IDS,), {"use_cache": False}),
 }
+
+
+def moe(name: str) -> nn.Module:
+    from test_moe import hf_model
+
+    return hf_model(name, layers=N)
 
 
 def _logits(out: object) -> torch.Tensor:

@@ -430,5 +430,5 @@ class ExportedPlan(dict):
         if unsupported and strict:
             raise PlanError(f"{what}: the plan has {len(unsupported)} parts this target cannot express: "
                             + "; ".join(unsupported[:8]) + ("; ..." if len(unsupported) > 8 else "")
-                            + f". Pass strict=False to get the rest, with these in .unsupported")
+                            + ". Pass strict=False to get the rest, with these in .unsupported")
         return cls(styles, unsupported)

@@ -34,6 +34,7 @@ from tpshard.plan import Edit, ModulePlan, Plan, PlanError
 __all__ = ["stamp_plan", "plan_captured", "capture_for_plan"]
 
 _TOKEN = re.compile(r"\w[\w.]*")  # a node name or a dotted path, in a bias reference or a reason
+_QUOTED = re.compile(r"'(\w+)'")  # a node a reason names
 
 
 class _Names:
@@ -64,8 +65,9 @@ class _Names:
         return _TOKEN.sub(lambda m: self(m.group(0)), text)
 
     def prose(self, text: str) -> str:
-        """The module paths in a reason renamed; only paths (its words may spell node names,
-        "split", or numbers, "0.5", that look like a path of a root Sequential)."""
+        """The module paths and quoted node names in a reason renamed; nothing else (its words
+        may spell node names, "split", or numbers, "0.5", that look like a root Sequential's paths)."""
+        text = _QUOTED.sub(lambda m: f"'{self.nodes.get(m.group(1), m.group(1))}'", text)  # (at node 'x')
         return _TOKEN.sub(lambda m: self(m.group(0)) if m.group(0) in self.known else m.group(0), text)
 
 
@@ -150,12 +152,22 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
         elif users & seg1:
             same(f"readers of {e.node}", sorted(zero_to_one(u) for u in e.users if u in seg0),
                  sorted(u for u in e.users if u in seg1))
+    # Joint copies (one backward all-reduce per MoE layer) are numbered in graph order: compared
+    # as groups, renumbered for the stamped blocks below.
     bare = lambda e: dataclasses.replace(e, biases=[])  # noqa: E731
+    unnumbered = lambda e: dataclasses.replace(e, joint=None if e.joint is None else -1)  # noqa: E731
     same("edits", len(own0), len(own1))
+    joints: dict[int, int] = {}
     for i, j in zip(own0, own1):
         e0, e1 = _edit(two.edits[i], zero_to_one), two.edits[j]
         reads_before = bool(_refs(e1) & seg0)
+        if e0.joint is not None and e1.joint is not None and joints.setdefault(e0.joint, e1.joint) != e1.joint:
+            raise NotRepeatable(f"{b0} and {b1} join their copies differently")
+        e0, e1 = unnumbered(e0), unnumbered(e1)
         same(f"the edit on {e1.node}", bare(e0) if reads_before else e0, bare(e1) if reads_before else e1)
+    block1_joints = {two.edits[i].joint for i in own1 + out0} - {None}
+    per_block = len(block1_joints)
+    last_joint = max(block1_joints, default=-1)
     # out0 and out1 differ by their readers (the next block; what comes after the blocks), so
     # they are not compared: block 1's outputs are block 0's when its rows and own edits are.
 
@@ -176,16 +188,21 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
     # 1's names are the last block's. Order: as the planner writes them, by node.
     edits: list[Edit] = []
     anchor = (own1 or out0 or [None])[-1]
+    def numbered(e: Edit, k: int) -> Edit:  # block k's joint number (block 1's + a block's count each)
+        return e if e.joint is None else dataclasses.replace(e, joint=e.joint + (k - 1) * per_block)
+
     for i, e in enumerate(two.edits):
+        if e.joint is not None and e.joint > last_joint:  # after the blocks: after every block's
+            e = dataclasses.replace(e, joint=e.joint + (b.count - 2) * per_block)
         if last is not None and (e.node in after or i in out1):
             e = _edit(e, last)
         elif e.node not in seg0 | seg1 and any(u in seg1 for u in e.users):
             e = dataclasses.replace(e, users=e.users + [r(u) for r in renames for u in e.users if u in seg1])
         edits.append(e)
         if i == anchor:
-            for r in renames:
-                edits.extend(_edit(two.edits[j], r) for j in out0)
-                edits.extend(_edit(two.edits[j], r) for j in own1)
+            for k, r in enumerate(renames, 2):
+                edits.extend(numbered(_edit(two.edits[j], r), k) for j in out0)
+                edits.extend(numbered(_edit(two.edits[j], r), k) for j in own1)
     return dataclasses.replace(two, modules=modules, params=dicts["params"], grads=dicts["grads"], edits=edits,
                                notes=plan_notes(two.ties, dicts["grads"]))
 
