@@ -15,8 +15,10 @@ __all__ = ["plan", "parallelize"]
 
 
 def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False,
-                   seq: bool = False) -> Plan:
-    p = make_plan(c.gm, c.ops, world_size, overrides, c.kind)
+                   seq: bool = False, kv_replicas: bool | None = None) -> Plan:
+    # Replicated kv heads need the graph: an in-place plan keeps them whole.
+    kv = not inplace if kv_replicas is None else kv_replicas
+    p = make_plan(c.gm, c.ops, world_size, overrides, c.kind, kv_replicas=kv)
     if seq:
         if inplace:
             raise PlanError("sequence_parallel=True needs the graph (reduce-scatters and gathers between "
@@ -108,7 +110,8 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
                         "again with tpshard.plan(model, world_size, overrides=...)")
     c = capture(model, example_inputs, example_kwargs)
     if plan is None:
-        plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel)
+        plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel,
+                              kv_replicas=not inplace)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
     if inplace:
