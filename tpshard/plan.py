@@ -273,6 +273,7 @@ class Plan:
                     continue
                 if p.dim is not None and split == "-":
                     split = f"dim {p.dim}" + (f" {list(p.segments)}" if p.segments and len(p.segments) > 1 else "")
+                    split += f" x{p.replicas} replicas" if p.replicas > 1 else ""
                 n = 1
                 for s in p.local_shape(self.world_size):
                     n *= s

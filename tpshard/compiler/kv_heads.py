@@ -50,7 +50,6 @@ def replicate_kv_heads(pl: Any, edits: list[Edit], grads: set[fx.Node], enabled:
     ``grads``: the nodes a gradient reaches. ``enabled`` False (in-place plans) keeps them whole.
     """
     W = pl.world_size
-    by_name = {op.name: op for op in pl.ops}
     scatters = {e.node: e for e in edits if e.kind == "scatter"}
     for op in pl.ops:
         # A projection kept whole (not by an override) whose output reaches a slice of split heads.
@@ -61,7 +60,7 @@ def replicate_kv_heads(pl: Any, edits: list[Edit], grads: set[fx.Node], enabled:
             why = "replicated kv heads need the graph (in-place mode keeps them whole)"
         else:
             try:
-                edits = _replicate(pl, op, edits, scatters, grads, by_name, W)
+                edits = _replicate(pl, op, edits, scatters, grads, W)
                 continue
             except _NotExact as e:
                 why = str(e)
@@ -76,7 +75,8 @@ def _reaches_scatter(pl: Any, lin: Op, scatters: dict[str, Edit]) -> bool:
 
 
 def _replicate(pl: Any, lin: Op, edits: list[Edit], scatters: dict[str, Edit], grads: set[fx.Node],
-               by_name: dict[str, Op], W: int) -> list[Edit]:
+               W: int) -> list[Edit]:
+    """The edits with ``lin``'s kv heads replicated (the planner's state updated), or _NotExact."""
     ops, index = pl.ops, pl.index
     weight, bias = lin.attrs["weight"], lin.attrs.get("bias")
     for name in (weight, bias):
