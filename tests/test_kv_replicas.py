@@ -23,7 +23,10 @@ from tpshard.comm import OfflineGroup
 from tpshard.models.registry import build
 from tpshard.plan import GRAD_REPLICAS, GRAD_WHOLE, ParamShard, Plan
 from tpshard.subgroups import replica_group, replica_ranks
+from tpshard.models.llama import LlamaBlock, LlamaConfig, rotary_tables
 from tpshard.verify.launch import run_ranks
+
+from _dist import training_step_errors
 
 DT = torch.float64
 TOL = 1e-10
@@ -283,3 +286,39 @@ def test_sequence_parallel_with_replicated_kv_heads() -> None:
     results = run_ranks(_body, 4, names, False, True, timeout=280)
     _check(results, names, 4)
     assert all(r[n]["sequence"] for r in results for n in names)
+
+
+class _Block(torch.nn.Module):
+    """One Llama block (8 heads, 2 kv heads) on a float input, so the input gradient — the sum,
+    over all ranks, of each replica's part through k_proj/v_proj — is compared directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=64, n_head=8, n_kv_head=2)
+        self.block = LlamaBlock(cfg)
+        cos, sin = rotary_tables(cfg.head_dim, 16)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(1)
+        return self.block(x, self.cos.narrow(0, 0, T), self.sin.narrow(0, 0, T))
+
+
+def _block_body(rank: int, world: int) -> tuple[dict, dict, int, int]:
+    torch.manual_seed(0)
+    errors, sharded, _, issued = training_step_errors(_Block(), (3, 8, 64), rank, world)
+    plan = sharded.tpshard_plan
+    reps = {n: s.replicas for n, s in plan.params.items() if s.replicas > 1}
+    return errors, reps, issued, sum(plan.collective_counts().values())
+
+
+@pytest.mark.timeout(120)
+def test_input_gradient_through_replicated_kv_heads_is_exact() -> None:
+    """Each replica's input-gradient part comes from its own query heads only, so the column copy's
+    all-reduce over all ranks adds every kv head's contribution exactly once."""
+    for errors, reps, issued, planned in run_ranks(_block_body, 4, timeout=100):
+        bad = {k: v for k, v in errors.items() if not v <= TOL}
+        assert not bad and errors["grad input"] <= TOL, bad
+        assert reps == {"block.self_attn.k_proj.weight": 2, "block.self_attn.v_proj.weight": 2}
+        assert issued == planned

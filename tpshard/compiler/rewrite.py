@@ -7,7 +7,10 @@ from the Plan. It never mutates its input: a new GraphModule is built, with
   names, holding exact copies of this rank's weight shards (ties kept: one Parameter);
 - the collectives as explicit graph nodes calling :mod:`tpshard.comm`, inserted on the edges
   the Plan names (reduce first, then copy/scatter/gather), each shared by all its users;
-- literal shape arguments at split dims replaced by the local sizes.
+- literal shape arguments at split dims replaced by the local sizes;
+- for replicated kv heads (``ParamShard.replicas``), the projection holding its one kv head's
+  rows, its parameters entering through one copy over the replica subgroup
+  (:mod:`tpshard.subgroups`, made here in the Plan's edit order, the same on every rank).
 
 Example::
 
