@@ -52,6 +52,8 @@ def _hf(kind: str, kv: int) -> torch.nn.Module:
                   hidden_size=32, intermediate_size=64, num_key_value_heads=kv)
     if kind == "qwen3":  # per-head k_norm on the replicated kv heads
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common))
+    elif kind == "qwen2":  # k/v projections with biases: the bias rows are replicated too
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
     else:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     model = model.double().eval()
@@ -263,14 +265,15 @@ def _check(results: list[dict], names: list[str], world: int) -> None:
                 assert any(k.startswith("grad") and "k_proj" in k for k in wrong), (name, wrong)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_reference_llama_w4_kv2_and_hf_on_real_ranks() -> None:
-    names = ["llama-h8-kv2", "hf-llama-kv2", "hf-qwen3-kv2"]
-    results = run_ranks(_body, 4, names, True, False, timeout=280)
+    names = ["llama-h8-kv2", "hf-llama-kv2", "hf-qwen3-kv2", "hf-qwen2-kv2"]
+    results = run_ranks(_body, 4, names, True, False, timeout=380)
     _check(results, names, 4)
     r = results[0]["llama-h8-kv2"]
     # per layer: k and v one subgroup all-reduce each, on top of the usual one per block each way
     assert r["plan_bwd_all_reduce"] == 2 * 2 + 2 * 2 + 1, r
+    assert "model.layers.0.self_attn.k_proj.bias" in results[0]["hf-qwen2-kv2"]["replicas"]
 
 
 @pytest.mark.timeout(200)

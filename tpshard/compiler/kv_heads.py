@@ -29,6 +29,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.plan import Edit
 
@@ -87,6 +88,9 @@ def _replicate(pl: Any, lin: Op, edits: list[Edit], scatters: dict[str, Edit], g
     if lin.attrs.get("transposed") or lin.attrs.get("conv") or lin.attrs.get("out_dim", -1) % len(shape_of(lin.node)) \
             != len(shape_of(lin.node)) - 1:
         raise _NotExact("its output features are not the last dim of a plain linear")
+
+    if isinstance(pl.state.place.get(lin.tensors[0]), A.Split):
+        raise _NotExact("its input is split")
 
     # The path from the projection to the scatters after repeat_kv, in graph order.
     path: dict[fx.Node, None] = {}
