@@ -24,6 +24,8 @@ TIERS: list[tuple[str, ...]] = [
     ("tpshard._version", "tpshard._doctest", "tpshard.layout"),
     # The contracts: the Plan (what every stage reads or writes), groups and collectives.
     ("tpshard.plan", "tpshard.comm"),
+    # Replica subgroups (ranks holding the same replicated shard), on comm.
+    ("tpshard.subgroups",),
     # Parallel layers: built on comm and layout alone, usable without the compiler.
     ("tpshard.layers",),
     # Reference models, models without weights, the one MODEL resolver: torch only, so that any

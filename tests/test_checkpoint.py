@@ -142,6 +142,48 @@ def test_load_sharded_offline_equals_parallelize(name: str, built: dict, ckpts: 
             assert loaded.get_parameter("lm_head.weight") is loaded.get_parameter("wte.weight")
 
 
+def test_replicated_kv_heads_shard_merge_reshard_load(built: dict, ckpts: dict, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama's 2 kv heads over 4 ranks are replicated 2-fold (ParamShard.replicas): each rank file
+    holds only its kv head's rows, read as row slices of the source file; ranks 0, 1 (and 2, 3)
+    hold the same rows; merge takes one replica; reshard 4 -> 2 -> merge gives the same bits."""
+    from tpshard.checkpoint import weights as ck_weights
+
+    model = built["llama"]
+    reads: list[tuple[str, int, int]] = []
+    load_rows = ck_weights._SafetensorsSource.load_rows
+
+    def counting(self: object, name: str, start: int, rows: int) -> torch.Tensor:
+        reads.append((name, start, rows))
+        return load_rows(self, name, start, rows)
+
+    monkeypatch.setattr(ck_weights._SafetensorsSource, "load_rows", counting)
+    with ck.empty_weights():
+        meta_model, _ = models.build("llama", dtype=torch.float64)
+    m = ck.save_sharded(meta_model, tmp_path / "tp4", 4, weights=ckpts["llama"].parent / "llama.safetensors",
+                        model_spec="llama", progress=False)
+    k = "layers.0.self_attn.k_proj.weight"
+    assert m.tensors[k].replicas == 2 and m.plan.params[k].replicas == 2
+    assert json.loads((tmp_path / "tp4" / "manifest.json").read_text())["tensors"][k]["replicas"] == 2
+    head = model.config.head_dim  # 8 rows per kv head: rank r reads rows of kv head r // 2 only
+    assert sorted({(s, n) for name, s, n in reads if name == k}) == [(0, head), (head, head)]
+    full = model.state_dict()[k]
+    for r, f in enumerate(m.files):
+        with safe_open(str(tmp_path / "tp4" / f.name), "pt") as fh:
+            kv = r // 2
+            assert torch.equal(fh.get_tensor(k), full[kv * head:(kv + 1) * head]), r
+    ck.merge(tmp_path / "tp4", tmp_path / "full.safetensors", progress=False)
+    _assert_merged_equal(tmp_path / "full.safetensors", model, m.ties)
+    for rank in range(4):  # load_sharded: the same module as parallelize's, bit for bit
+        loaded = ck.load_sharded(_factory("llama"), tmp_path / "tp4", rank=rank)
+        ref = tpshard.parallelize(model, 4, group=tpshard.OfflineGroup(rank, 4))
+        want = dict(ref.named_parameters())
+        assert all(torch.equal(p, want[n]) for n, p in loaded.named_parameters())
+    ck.reshard(tmp_path / "tp4", tmp_path / "tp2", 2, model=_factory("llama"), progress=False)
+    ck.merge(tmp_path / "tp2", tmp_path / "full2.safetensors", progress=False)
+    assert (tmp_path / "full2.safetensors").read_bytes() == (tmp_path / "full.safetensors").read_bytes()
+
+
 def _load_on_ranks(rank: int, world: int, ckpts: dict[str, str], wrong: str) -> dict:
     """On each real rank: load_sharded equals parallelize (bit for bit) and the original."""
     out = {}

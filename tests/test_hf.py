@@ -106,21 +106,26 @@ def test_hf_models_equal_original(world: int) -> None:
     results = run_ranks(_body, world, NAMES, timeout=360)
     for rank_results in results:
         for name, r in zip(NAMES, rank_results):
-            bad = {k: v for k, v in r["errors"].items() if not v <= RTOL}
+            # Qwen3RMSNorm computes in float32; with replicated kv heads (world 4) each replica's
+            # partial k gradient passes back through k_norm's float32 casts (tests/test_kv_replicas.py).
+            tol = 1e-6 if name == "qwen3" and world > 2 else RTOL
+            bad = {k: v for k, v in r["errors"].items() if not v <= tol}
             assert not bad, f"{name} world {world}: {bad}"
     for name, r in zip(NAMES, results[0]):
         assert r["capture"] == "export"
-        kv_whole = name in ("llama", "mistral", "qwen3") and world > 2
+        # 2 kv heads over 4 ranks: replicated 2-fold, one subgroup all-reduce of k's and of v's
+        # gradient per layer in backward (no slicing of whole k/v, so no backward all-gathers).
+        kv_replicated = name in ("llama", "mistral", "qwen3") and world > 2
         # One all-reduce per attention block and per MLP each way; the embeddings (summed
         # first) add one forward all-reduce, the head one all-gather forward, one all-reduce back.
         assert r["fwd"] == {"all_reduce": 2 * N_LAYER + 1, "all_gather": 1}, (name, r["fwd"])
         assert r["fwd_total"] == 2 * N_LAYER + 2, (name, r)
-        # Qwen3's q_norm and k_norm weights multiply split heads: each rank computes its share of
-        # their gradients, all-reduced in backward (two per layer, listed in the plan; one where k
-        # is kept whole and k_norm sees whole heads).
-        head_norms = (N_LAYER if kv_whole else 2 * N_LAYER) if name == "qwen3" else 0
-        assert r["bwd_all_reduce"] == 2 * N_LAYER + 1 + head_norms, (name, r)
-        assert r["bwd_total"] == 2 * N_LAYER + 1 + head_norms + (2 * N_LAYER if kv_whole else 0), (name, r)
+        # Qwen3's q_norm and k_norm weights multiply split (or replicated) heads: each rank computes
+        # its share of their gradients, all-reduced in backward (two per layer, listed in the plan).
+        head_norms = 2 * N_LAYER if name == "qwen3" else 0
+        subgroup = 2 * N_LAYER if kv_replicated else 0
+        assert r["bwd_all_reduce"] == 2 * N_LAYER + 1 + head_norms + subgroup, (name, r)
+        assert r["bwd_total"] == r["bwd_all_reduce"], (name, r)
         assert r["plan_total"] == r["fwd_total"] + r["bwd_total"], (name, r)
         linear = [k for k, s in r["styles"].items() if s in ("column", "row")]
-        assert len(linear) >= 4 * N_LAYER, (name, r["styles"])
+        assert len(linear) >= (6 if kv_replicated else 4) * N_LAYER, (name, r["styles"])

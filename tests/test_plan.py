@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import tpshard
 from tpshard import models
-from tpshard.plan import Plan, PlanError
+from tpshard.compiler import make_plan
+from tpshard.plan import GRAD_REPLICAS, Plan, PlanError
 
 
 def _styles(plan: Plan) -> dict[str, str]:
@@ -82,13 +83,25 @@ def test_llama_plan_gqa_and_swiglu() -> None:
     assert plan.collective_counts() == {"bwd all_reduce": 5, "fwd all_gather": 1, "fwd all_reduce": 5}
 
 
-def test_gqa_with_fewer_kv_heads_than_ranks_keeps_kv_whole_and_says_so() -> None:
+def test_gqa_with_fewer_kv_heads_than_ranks_replicates_kv_heads_and_says_so() -> None:
     model, args = models.build("llama", n_head=4, n_kv_head=2)
     plan = tpshard.plan(model, 4, example_inputs=args)
     kp = plan.modules["layers.0.self_attn.k_proj"]
-    assert kp.style == "replicate"
-    assert "not divisible by the world size 4" in kp.reason and "kept whole" in kp.reason
+    assert kp.style == "column" and kp.reason.startswith("kv heads replicated 2-fold"), kp.reason
+    assert plan.params["layers.0.self_attn.k_proj.weight"].replicas == 2
+    assert plan.grads["layers.0.self_attn.k_proj.weight"] == GRAD_REPLICAS
     assert plan.modules["layers.0.self_attn.q_proj"].style == "column"
+    # In-place plans keep k/v whole and say why (tests/test_kv_replicas.py covers the rest).
+    kept = make_plan(*_gm_ops(model, args), 4, kv_replicas=False).modules["layers.0.self_attn.k_proj"]
+    assert kept.style == "replicate" and kept.reason.startswith("kept whole because")
+    assert "not divisible by the world size 4" in kept.reason
+
+
+def _gm_ops(model: torch.nn.Module, args: tuple) -> tuple:
+    from tpshard.compiler import capture
+
+    c = capture(model, args)
+    return c.gm, c.ops
 
 
 def test_json_round_trip_is_exact() -> None:

@@ -15,8 +15,10 @@ __all__ = ["plan", "parallelize"]
 
 
 def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False,
-                   seq: bool = False) -> Plan:
-    p = plan_captured(c, world_size, overrides)
+                   seq: bool = False, kv_replicas: bool | None = None) -> Plan:
+    # Replicated kv heads need the graph: an in-place plan keeps them whole.
+    kv = not inplace if kv_replicas is None else kv_replicas
+    p = plan_captured(c, world_size, overrides, kv_replicas=kv)
     if seq:
         if inplace:
             raise PlanError("sequence_parallel=True needs the graph (reduce-scatters and gathers between "
@@ -109,7 +111,8 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     c = capture(model, example_inputs, example_kwargs) if plan is None else \
         capture_for_plan(model, example_inputs, example_kwargs, plan)
     if plan is None:
-        plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel)
+        plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel,
+                              kv_replicas=not inplace)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
     if inplace:

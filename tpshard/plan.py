@@ -34,9 +34,10 @@ from typing import Any
 from tpshard import layout
 
 __all__ = ["Plan", "ModulePlan", "ParamShard", "Edit", "AttributeChange", "PlanError", "ExportedPlan", "FORMAT_VERSION",
-           "GRAD_LOCAL", "GRAD_WHOLE", "GRAD_ALL_REDUCE", "GRAD_ALL_GATHER"]
+           "GRAD_LOCAL", "GRAD_WHOLE", "GRAD_ALL_REDUCE", "GRAD_ALL_GATHER", "GRAD_REPLICAS"]
 
-FORMAT_VERSION = 1
+# Version 2 adds ParamShard.replicas; a plan without replicated shards is still written as 1.
+FORMAT_VERSION = 2
 
 
 # Where each rank's gradient of a parameter comes from (Plan.grads values).
@@ -44,6 +45,7 @@ GRAD_LOCAL = "split: each rank's gradient is its shard's"
 GRAD_WHOLE = "replicated: computed whole on every rank"
 GRAD_ALL_REDUCE = "partial on each rank: all-reduced in backward"
 GRAD_ALL_GATHER = "sliced on each rank: slices all-gathered in backward"
+GRAD_REPLICAS = "replicated shard: partial on each replica, all-reduced among the ranks holding it in backward"
 
 
 class PlanError(ValueError):
@@ -53,33 +55,55 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class ParamShard:
     """How one parameter or buffer is split: along ``dim`` with ``segments`` (None: contiguous),
-    or replicated when ``dim`` is None. ``shape`` is the full shape."""
+    or replicated when ``dim`` is None. ``shape`` is the full shape.
+
+    ``replicas`` > 1 (grouped-query k/v with fewer kv heads than ranks): the dim is split into
+    ``world_size // replicas`` blocks, and ``replicas`` consecutive ranks hold the same block
+    (rank ``r`` holds block ``r // replicas``). Invariant: ``replicas`` divides the world size.
+
+    Example::
+
+        >>> import torch
+        >>> kv = ParamShard(shape=(4, 1), dim=0, replicas=2)   # 2 kv heads of 2 rows, 4 ranks
+        >>> [kv.shard(torch.arange(4.).view(4, 1), r, 4).view(-1).tolist() for r in range(4)]
+        [[0.0, 1.0], [0.0, 1.0], [2.0, 3.0], [2.0, 3.0]]
+        >>> kv.local_shape(4), kv.unshard([kv.shard(torch.arange(4.).view(4, 1), r, 4) for r in range(4)]).view(-1).tolist()
+        ((2, 1), [0.0, 1.0, 2.0, 3.0])
+    """
 
     shape: tuple[int, ...]
     dim: int | None = None
     segments: tuple[int, ...] | None = None
+    replicas: int = 1
 
     @property
     def replicated(self) -> bool:
         return self.dim is None
 
+    def blocks(self, world_size: int) -> int:
+        """How many distinct parts the split dim has: ``world_size // replicas``."""
+        if self.replicas < 1 or world_size % self.replicas:
+            raise ValueError(f"replicas {self.replicas} does not divide the world size {world_size}")
+        return world_size // self.replicas
+
     def local_shape(self, world_size: int) -> tuple[int, ...]:
         if self.dim is None:
             return tuple(self.shape)
         s = list(self.shape)
-        s[self.dim] //= world_size
+        s[self.dim] //= self.blocks(world_size)
         return tuple(s)
 
     def shard(self, tensor: Any, rank: int, world_size: int) -> Any:
         """This rank's part of the full ``tensor`` (the tensor itself when replicated)."""
         if self.dim is None:
             return tensor
-        return layout.shard(tensor, self.dim, rank, world_size, self.segments)
+        return layout.shard(tensor, self.dim, rank // self.replicas, self.blocks(world_size), self.segments)
 
     def unshard(self, shards: list[Any]) -> Any:
+        """The full tensor from every rank's part, in rank order (one replica of each block)."""
         if self.dim is None:
             return shards[0]
-        return layout.unshard(shards, self.dim, self.segments)
+        return layout.unshard(list(shards)[::self.replicas], self.dim, self.segments)
 
 
 @dataclass
@@ -119,6 +143,9 @@ class Edit:
     - drop_bias: the functional row linear ``node`` runs without its bias (added after the reduce)
     - vocab_lookup: the functional embedding ``node`` (vocabulary ``size``) becomes this rank's
       masked partial lookup
+    - replica_grad: the linear ``node`` (a k/v projection with replicated kv heads) takes its
+      parameters through one copy over its replica subgroup (the ``size`` consecutive ranks that
+      hold the same kv head): forward identity, backward one subgroup all-reduce
 
     Sequence parallelism (:mod:`tpshard.compiler.sequence`) adds:
 
@@ -190,6 +217,11 @@ class Plan:
         for e in d["edits"]:  # as do edits outside joint copies
             if e["joint"] is None:
                 del e["joint"]
+        for p in d["params"].values():  # plans without replicated shards read as before (version 1)
+            if p["replicas"] == 1:
+                del p["replicas"]
+        if all(p.replicas == 1 for p in self.params.values()):
+            d["format_version"] = 1
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -204,7 +236,8 @@ class Plan:
                             f"({FORMAT_VERSION}); upgrade tpshard")
         tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
         modules = {k: ModulePlan(**{**m, "segments": tup(m.get("segments"))}) for k, m in d["modules"].items()}
-        params = {k: ParamShard(shape=tuple(p["shape"]), dim=p["dim"], segments=tup(p["segments"]))
+        params = {k: ParamShard(shape=tuple(p["shape"]), dim=p["dim"], segments=tup(p["segments"]),
+                                replicas=p.get("replicas", 1))
                   for k, p in d["params"].items()}
         edits = [Edit(**{**e, "segments": tup(e.get("segments"))}) for e in d["edits"]]
         changes = d.get("attribute_changes")  # absent from plans written before in-place plans had it
@@ -238,7 +271,7 @@ class Plan:
             for s in p.shape:
                 n *= s
             full += n
-            per_rank += n if p.dim is None else n // self.world_size
+            per_rank += n if p.dim is None else n // p.blocks(self.world_size)
         return per_rank, full
 
     def explain(self) -> str:
@@ -253,6 +286,7 @@ class Plan:
                     continue
                 if p.dim is not None and split == "-":
                     split = f"dim {p.dim}" + (f" {list(p.segments)}" if p.segments and len(p.segments) > 1 else "")
+                    split += f" x{p.replicas} replicas" if p.replicas > 1 else ""
                 n = 1
                 for s in p.local_shape(self.world_size):
                     n *= s
@@ -382,6 +416,10 @@ class Plan:
                 continue
             weight = self.params.get(f"{path}.weight")
             natural = {"column": 0, "column_no_gather": 0, "row": 1, "vocab": 0, "embed_dim": 1}[m.style]
+            if weight is not None and weight.replicas > 1:
+                unsupported.append(f"{path}: kv heads replicated {weight.replicas}-fold (ranks that hold the same "
+                                   f"head all-reduce its gradient in a subgroup), which {target} does not express")
+                continue
             if weight is not None and weight.dim is not None and weight.dim % len(weight.shape) != natural:
                 unsupported.append(f"{path}: its weight is split along dim {weight.dim} (stored transposed, like "
                                    f"Conv1D), which {target}'s {m.style} style does not split")
@@ -408,6 +446,7 @@ class Plan:
         if not grads_expressible:
             unsupported.extend(f"{name}: {how} (no parallelize_module style does it)"
                                for name, how in self.grads.items() if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER))
+            # (GRAD_REPLICAS parameters are already listed with their module above)
         else:
             for name, how in self.grads.items():
                 if how == GRAD_ALL_REDUCE:

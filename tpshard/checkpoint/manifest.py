@@ -50,10 +50,11 @@ class TensorInfo:
     dtype: str
     dim: int | None = None
     segments: tuple[int, ...] | None = None
+    replicas: int = 1  # consecutive ranks holding the same part (replicated kv heads); see ParamShard
 
     @property
     def spec(self) -> ParamShard:
-        return ParamShard(shape=self.shape, dim=self.dim, segments=self.segments)
+        return ParamShard(shape=self.shape, dim=self.dim, segments=self.segments, replicas=self.replicas)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -104,7 +105,9 @@ class Manifest:
             "source": self.source,
             "ties": self.ties,
             "tensors": {k: {"shape": list(t.shape), "dtype": t.dtype, "dim": t.dim,
-                            "segments": list(t.segments) if t.segments else None} for k, t in self.tensors.items()},
+                            "segments": list(t.segments) if t.segments else None,
+                            **({"replicas": t.replicas} if t.replicas > 1 else {})}  # absent: 1, as before
+                        for k, t in self.tensors.items()},
             "files": [{"name": f.name, "rank": f.rank, "sha256": f.sha256, "bytes": f.bytes,
                        "tensors": {k: {"shape": list(s), "dtype": d} for k, (s, d) in f.tensors.items()}}
                       for f in self.files],
@@ -114,8 +117,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], directory: Path | None = None) -> "Manifest":
         tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
-        tensors = {k: TensorInfo(tuple(t["shape"]), t["dtype"], t.get("dim"), tup(t.get("segments")))
-                   for k, t in d["tensors"].items()}
+        tensors = {k: TensorInfo(tuple(t["shape"]), t["dtype"], t.get("dim"), tup(t.get("segments")),
+                                 int(t.get("replicas", 1))) for k, t in d["tensors"].items()}
         files = [RankFile(f["name"], int(f["rank"]), f["sha256"], int(f["bytes"]),
                           {k: (tuple(t["shape"]), t["dtype"]) for k, t in f["tensors"].items()})
                  for f in d["files"]]

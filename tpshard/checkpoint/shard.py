@@ -126,7 +126,9 @@ def _write_rows_split(it: _Item, writers: list[SafetensorsWriter], source: Weigh
     file; the ranks take turns so their files are written (and hashed) side by side."""
     world, shape = len(writers), it.spec.shape
     row_bytes = _nbytes(shape[1:], it.dtype)
-    ranges = [layout.local_ranges(shape[0], r, world, it.spec.segments) for r in range(world)]
+    # Replicated kv heads: rank r writes block r // replicas of world // replicas (its kv head's rows).
+    blocks, reps = it.spec.blocks(world), it.spec.replicas
+    ranges = [layout.local_ranges(shape[0], r // reps, blocks, it.spec.segments) for r in range(world)]
     for i in range(len(ranges[0])):  # every rank has the same range lengths (one per segment)
         for s, n in _chunks(ranges[0][i][1], row_bytes, _CHUNK_BYTES // world):
             for r, w in enumerate(writers):
@@ -172,23 +174,28 @@ def _write_ranks(directory: Path, items: list[_Item], world_size: int, source: W
                    for r in range(world_size)]
         for it in items:
             _write_item(it, writers, source)
-            progress.update(_nbytes(it.spec.shape, it.dtype) * (1 if it.spec.dim is not None else world_size))
+            progress.update(_nbytes(it.spec.shape, it.dtype) * _copies(it, world_size))
         shas = [w.close() for w in writers]
     dname = lambda dt: _DTYPE_NAMES[dt]  # noqa: E731
     return [RankFile(rank_file_name(r, world_size), r, shas[r], writers[r].size,
                      {n: (tuple(s), dname(d)) for n, d, s in layouts[r]}) for r in range(world_size)]
 
 
+def _copies(it: _Item, world_size: int) -> int:
+    """How many times the ranks' files hold each element: once when split (``replicas`` times
+    for replicated kv heads), on every rank when replicated."""
+    return it.spec.replicas if it.spec.dim is not None else world_size
+
+
 def _total_bytes(items: list[_Item], world_size: int) -> int:
-    return sum(_nbytes(tuple(it.spec.shape), it.dtype) * (1 if it.spec.dim is not None else world_size)
-               for it in items)
+    return sum(_nbytes(tuple(it.spec.shape), it.dtype) * _copies(it, world_size) for it in items)
 
 
 def _manifest(plan: Plan, items: list[_Item], ties: dict[str, str], files: list[RankFile], model: str | None,
               inputs: dict | None, source: dict | None = None) -> Manifest:
     tpshard_version, torch_version = _versions()
-    tensors = {it.name: TensorInfo(tuple(it.spec.shape), _DTYPE_NAMES[it.dtype], it.spec.dim, it.spec.segments)
-               for it in items}
+    tensors = {it.name: TensorInfo(tuple(it.spec.shape), _DTYPE_NAMES[it.dtype], it.spec.dim, it.spec.segments,
+                                   it.spec.replicas) for it in items}
     return Manifest(world_size=plan.world_size, plan=plan, tensors=tensors, ties=ties, files=files, model=model,
                     example_inputs=inputs, source=source, tpshard_version=tpshard_version, torch_version=torch_version)
 

@@ -275,7 +275,10 @@ class _CheckpointSource(WeightSource):
             shards = [rd.read(name, start, rows) for rd in self._readers]
             return info.spec.unshard(shards)
         parts = []
-        for full_start, length, rank, local_start in _row_owners(info.shape[0], len(self._readers), info.segments):
+        reps = info.replicas  # replicated kv heads: block b is on ranks [b*reps, (b+1)*reps); read the first
+        owners = _row_owners(info.shape[0], info.spec.blocks(len(self._readers)), info.segments)
+        for full_start, length, block, local_start in owners:
+            rank = block * reps
             lo, hi = max(start, full_start), min(start + rows, full_start + length)
             if lo < hi:
                 parts.append(self._readers[rank].read(name, local_start + lo - full_start, hi - lo))

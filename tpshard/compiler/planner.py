@@ -34,6 +34,7 @@ import torch.fx as fx
 from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
+from tpshard.compiler.kv_heads import KEPT_WHOLE_PREFIX
 from tpshard.compiler.moe import EXPERT_STYLE, describe_split, probe
 from tpshard.compiler.planner_replay import replay
 from tpshard.compiler.styles import STYLES
@@ -231,8 +232,10 @@ class _Trial:
 
 class _Planner:
     def __init__(self, gm: fx.GraphModule, ops: list[Op], world_size: int, overrides: dict[str, str] | None,
-                 capture_kind: str) -> None:
+                 capture_kind: str, kv_replicas: bool = True) -> None:
         self.gm = gm
+        self.kv_replicas = kv_replicas
+        self.replicas: dict[str, int] = {}  # parameter -> replicas (replicated kv heads, see kv_heads)
         self.ops = ops
         self.world_size = world_size
         self.capture_kind = capture_kind
@@ -397,7 +400,8 @@ class _Planner:
         if div is not None and self._joins_split(op):
             # Joins a split region (grouped-query k/v with fewer heads than ranks): kept whole,
             # which is exact; each rank slices the heads its region needs.
-            return self.replicate(op, f"kept whole, sliced where it meets the split heads: {div.reason}")
+            # (tpshard.compiler.kv_heads replicates grouped-query kv heads instead, where exact.)
+            return self.replicate(op, f"{KEPT_WHOLE_PREFIX}: {div.reason}")
         if div is not None:
             # Is a size the real blocker? Probe with every size divisible (one rank): when the
             # region fails even then, a missing rule blocks it, and that is what the plan says.
@@ -441,8 +445,11 @@ class _Planner:
 
 
 def make_plan(gm: fx.GraphModule, ops: list[Op], world_size: int, overrides: dict[str, str] | None = None,
-              capture_kind: str = "fx") -> Plan:
-    """Plan ``gm`` (already shape-propagated and described as ``ops``) for ``world_size`` ranks."""
+              capture_kind: str = "fx", kv_replicas: bool = True) -> Plan:
+    """Plan ``gm`` (already shape-propagated and described as ``ops``) for ``world_size`` ranks.
+
+    ``kv_replicas``: grouped-query kv heads fewer than the ranks are replicated where exact
+    (:mod:`tpshard.compiler.kv_heads`); False keeps them whole (in-place plans)."""
     if world_size < 1:
         raise PlanError(f"world_size must be >= 1, got {world_size}")
-    return _Planner(gm, ops, world_size, overrides, capture_kind).run()
+    return _Planner(gm, ops, world_size, overrides, capture_kind, kv_replicas).run()

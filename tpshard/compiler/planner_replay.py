@@ -16,8 +16,9 @@ import torch.fx as fx
 from tpshard.compiler import analysis as A
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
-from tpshard.plan import (GRAD_ALL_GATHER, GRAD_ALL_REDUCE, GRAD_LOCAL, GRAD_WHOLE, Edit, ModulePlan, ParamShard, Plan,
-                          PlanError)
+from tpshard.compiler.kv_heads import replicate_kv_heads
+from tpshard.plan import (GRAD_ALL_GATHER, GRAD_ALL_REDUCE, GRAD_LOCAL, GRAD_REPLICAS, GRAD_WHOLE, Edit, ModulePlan,
+                          ParamShard, Plan, PlanError)
 
 
 class _Planner(Protocol):
@@ -33,6 +34,9 @@ class _Planner(Protocol):
     reasons: dict[str, str]
     param_shapes: dict[str, tuple[int, ...]]
     canon: dict[str, str]
+    param_names: list[str]
+    replicas: dict[str, int]  # parameter -> replicas of its shard (replicated kv heads), written by kv_heads
+    kv_replicas: bool         # may kv heads be replicated (not for in-place plans)
 
     def override(self, op: Op) -> str | None: ...
 
@@ -110,6 +114,7 @@ def replay(pl: "_Planner") -> Plan:
             break
         reduced = reduced | now
     edits = _shard_sliced_params(pl, edits)
+    edits = replicate_kv_heads(pl, edits, _grad_nodes(pl.ops, set(pl.param_names)), pl.kv_replicas)
     _join_copies(pl, place, edits)
     return _write_plan(pl, place, edits, {op.node: op for op in pl.ops})
 
@@ -299,7 +304,8 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         else:
             dim, var = choice
             value = layouts.get(var)
-            params[name] = ParamShard(shape=shape, dim=dim, segments=value if value and len(value) > 1 else None)
+            params[name] = ParamShard(shape=shape, dim=dim, segments=value if value and len(value) > 1 else None,
+                                      replicas=pl.replicas.get(canon, 1))
     param_names = pl.param_names
     grads = _grad_nodes(pl.ops, set(param_names))
     by_name = {op.name: op for op in pl.ops}
@@ -375,8 +381,11 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
             count(producer(e.node), "fwd all_gather")
         elif e.kind == "scatter" and by_name[e.node].node in grads:
             count(producer(e.users[0]), "bwd all_gather")
+        elif e.kind == "replica_grad":  # one subgroup all-reduce of the projection's parameters
+            count(owner_of[e.node], "bwd all_reduce")
     ties = {a: c for a, c in pl.canon.items() if a != c}
     grad_of = _grad_placements(pl, params, edits, by_name, grads)
+    grad_of.update({name: GRAD_REPLICAS for name in param_names if params[name].replicas > 1})
     notes = plan_notes(ties, grad_of)
     order = {name: i for i, name in enumerate(param_names)}
     def row_order(item: tuple[str, ModulePlan]) -> tuple[int, str]:  # module order: first parameter's position
@@ -426,7 +435,8 @@ def _grad_placements(pl: "_Planner", params: dict[str, ParamShard], edits: list[
 def plan_notes(ties: dict[str, str], grad_of: dict[str, str]) -> list[str]:
     """The notes a plan states about its parameters: ties, gradients synchronized in backward."""
     notes = ["tied: " + ", ".join(f"{a} = {c}" for a, c in sorted(ties.items()))] if ties else []
-    synced = [f"{name} ({how})" for name, how in grad_of.items() if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER)]
+    synced = [f"{name} ({how})" for name, how in grad_of.items()
+              if how in (GRAD_ALL_REDUCE, GRAD_ALL_GATHER, GRAD_REPLICAS)]
     if synced:
         notes.append("gradients synchronized in backward: " + ", ".join(synced))
     return notes

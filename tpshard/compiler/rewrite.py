@@ -7,7 +7,10 @@ from the Plan. It never mutates its input: a new GraphModule is built, with
   names, holding exact copies of this rank's weight shards (ties kept: one Parameter);
 - the collectives as explicit graph nodes calling :mod:`tpshard.comm`, inserted on the edges
   the Plan names (reduce first, then copy/scatter/gather), each shared by all its users;
-- literal shape arguments at split dims replaced by the local sizes.
+- literal shape arguments at split dims replaced by the local sizes;
+- for replicated kv heads (``ParamShard.replicas``), the projection holding its one kv head's
+  rows, its parameters entering through one copy over the replica subgroup
+  (:mod:`tpshard.subgroups`, made here in the Plan's edit order, the same on every rank).
 
 Example::
 
@@ -33,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpshard import comm
+from tpshard import comm, subgroups
 from tpshard.compiler.capture import Captured
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.moe import copy_joint
@@ -42,7 +45,7 @@ from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
 from tpshard.layers import vocab_parallel_lookup
 from tpshard.plan import Edit, Plan, PlanError
 
-__all__ = ["rewrite", "GROUP_ATTR"]
+__all__ = ["rewrite", "GROUP_ATTR", "linear_with_replica_grads"]
 
 GROUP_ATTR = "_tpshard_group"
 
@@ -52,6 +55,8 @@ def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> 
     style = mp.style if mp is not None else "replicate"
     if style in SPLIT_STYLES and isinstance(orig, nn.modules.conv._ConvNd):  # a 1x1 convolution
         return _local_conv(orig, path, style, plan, group)
+    if style in SPLIT_STYLES and any(plan.params[f"{path}.{n}"].replicas > 1 for n, _ in orig.named_parameters()):
+        return _local_replicas(orig, path, plan, group)
     if style in SPLIT_STYLES:  # the layer without its collectives: they are graph nodes here
         return parallel_layer(orig, style, mp.segments, group, in_graph=True)
     if style == "expert_tp":  # a routed experts region: its own code on this rank's shards (moe.py)
@@ -80,6 +85,29 @@ def _local_conv(orig: nn.Module, path: str, style: str, plan: Plan, group: comm.
         cls = type(orig)
         new.__class__ = type(f"Row{cls.__name__}", (cls,), {"forward": _conv_without_bias})
     return new
+
+
+def _local_replicas(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> nn.Module:
+    """This rank's k/v projection with replicated kv heads: a copy of the linear holding the rows
+    of its one kv head (``ParamShard.replicas``); its ``out_features`` are the local rows."""
+    new = copy.deepcopy(orig)
+    for name, p in list(orig.named_parameters(recurse=False)):
+        local = plan.params[f"{path}.{name}"].shard(p.detach(), group.rank, group.size).clone()
+        setattr(new, name, nn.Parameter(local, requires_grad=p.requires_grad))
+    if isinstance(new, nn.Linear):
+        new.out_features = new.weight.shape[0]
+    return new
+
+
+def linear_with_replica_grads(group: Any, x: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose parameters enter through one copy over ``group`` (a
+    replica subgroup: forward identity, backward one all-reduce of both gradients, flattened) —
+    the functional (aten) form of a ``replica_grad`` edit."""
+    ts = [weight] + ([bias] if bias is not None else [])
+    flat = comm.mp_copy(torch.cat([t.reshape(-1) for t in ts]), group)
+    pieces = [p.view_as(t) for p, t in zip(flat.split([t.numel() for t in ts]), ts)]
+    return nn.functional.linear(x, pieces[0], pieces[1] if bias is not None else None)
 
 
 def _conv_without_bias(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -268,6 +296,11 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
                 owner, _, attr = b.rpartition(".")
                 root[b] = getattr(root[owner], attr)
 
+    # Replica subgroups, created in the plan's edit order (the same on every rank; see subgroups).
+    for e in plan.edits:
+        if e.kind == "replica_grad" and f"{GROUP_ATTR}_replicas_{e.size}" not in root:
+            root[f"{GROUP_ATTR}_replicas_{e.size}"] = subgroups.replica_group(g, e.size)
+
     # Phase 2: index the edits by edge. Order on an edge: reduce, then copy | scatter | gather.
     edge: dict[tuple[str, str], list[Edit]] = {}
     shape_edits: dict[str, list[Edit]] = {}
@@ -275,7 +308,8 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
     for e in plan.edits:
         if e.kind == "skip_add":
             skip_add[e.node] = e.dim
-        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup", "copy_params", "seq_size"):
+        elif e.kind in ("shape", "split_sizes", "drop_bias", "vocab_lookup", "copy_params", "seq_size",
+                        "replica_grad"):
             shape_edits.setdefault(e.node, []).append(e)
         else:
             for u in e.users:
@@ -369,6 +403,21 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
             graph.erase_node(new)
             new = synced
         for e in shape_edits.get(node.name, ()):
+            if e.kind == "replica_grad":  # the projection's parameters through one subgroup copy
+                with graph.inserting_before(new):
+                    sub = graph.get_attr(f"{GROUP_ATTR}_replicas_{e.size}")
+                if new.op == "call_module":
+                    with graph.inserting_after(new):
+                        mod = graph.get_attr(node.target)
+                    with graph.inserting_after(mod):
+                        synced = graph.call_function(comm.call_with_param_copies, (mod, sub, *new.args), new.kwargs)
+                else:  # aten.linear(x, weight, bias)
+                    with graph.inserting_after(new):
+                        synced = graph.call_function(linear_with_replica_grads, (sub, *new.args), new.kwargs)
+                new.replace_all_uses_with(synced)
+                graph.erase_node(new)
+                new = synced
+        for e in shape_edits.get(node.name, ()):
             if e.kind == "seq_size":  # the size of a sequence shard, read as the full size
                 with graph.inserting_after(new):
                     full = graph.call_function(full_size, (new, e.dim, e.size))
@@ -381,7 +430,7 @@ def rewrite(captured: Captured, plan: Plan, group: Any = None) -> fx.GraphModule
                 _set_shape(new, ops[node.name], e.dim, e.size)
             elif e.kind == "split_sizes":
                 _set_split_sizes(new, e.sizes)
-            elif e.kind in ("copy_params", "seq_size"):
+            elif e.kind in ("copy_params", "seq_size", "replica_grad"):
                 pass  # applied above
             elif e.kind == "drop_bias":
                 _drop_bias(new)

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from tpshard.compiler.ir import Op, plan_key, shape_of
-from tpshard.plan import GRAD_ALL_REDUCE, Edit, Plan, PlanError
+from tpshard.plan import GRAD_ALL_REDUCE, GRAD_REPLICAS, Edit, Plan, PlanError
 
 __all__ = ["sequence_parallel", "full_size"]
 
@@ -311,7 +311,7 @@ def _recount(out: Plan, default: Plan, by_name: dict[str, Op], ops: list[Op], re
             names = [target] if target else [k for k in out.params if k.startswith(owner.module + ".")]
             for p in names:
                 _grad_reduced(out, p)
-    synced = [f"{k} ({v})" for k, v in out.grads.items() if v == GRAD_ALL_REDUCE]
+    synced = [f"{k} ({v})" for k, v in out.grads.items() if v in (GRAD_ALL_REDUCE, GRAD_REPLICAS)]
     out.notes = [x for x in out.notes if not x.startswith("gradients synchronized in backward: ")]
     if synced:
         out.notes.append("gradients synchronized in backward: " + ", ".join(synced))
