@@ -186,8 +186,14 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
     # Block k's edits are block 1's, and the boundary k-1 -> k is the boundary 0 -> 1 (both
     # renamed: block 1's names to block k's, block 0's to block k-1's); after the blocks, block
     # 1's names are the last block's. Order: as the planner writes them, by node.
+    # Block 1's edits come in runs (the planner's, in graph order; the kv-head pass's, appended):
+    # each run's copies for blocks 2 .. N-1 follow it, block by block.
+    mine = sorted(own1 + out0)
+    runs = [[i] for i in mine[:1]]
+    for i in mine[1:]:
+        runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i])
+    run_end = {run[-1]: run for run in runs}
     edits: list[Edit] = []
-    anchor = (own1 or out0 or [None])[-1]
     def numbered(e: Edit, k: int) -> Edit:  # block k's joint number (block 1's + a block's count each)
         return e if e.joint is None else dataclasses.replace(e, joint=e.joint + (k - 1) * per_block)
 
@@ -199,10 +205,9 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
         elif e.node not in seg0 | seg1 and any(u in seg1 for u in e.users):
             e = dataclasses.replace(e, users=e.users + [r(u) for r in renames for u in e.users if u in seg1])
         edits.append(e)
-        if i == anchor:
+        if i in run_end:
             for k, r in enumerate(renames, 2):
-                edits.extend(numbered(_edit(two.edits[j], r), k) for j in out0)
-                edits.extend(numbered(_edit(two.edits[j], r), k) for j in own1)
+                edits.extend(numbered(_edit(two.edits[j], r), k) for j in run_end[i])
     return dataclasses.replace(two, modules=modules, params=dicts["params"], grads=dicts["grads"], edits=edits,
                                notes=plan_notes(two.ties, dicts["grads"]))
 
