@@ -284,11 +284,35 @@ class ExportedConvMLP(ConvMLP):
         return x.flatten(2)
 
 
+class BmmMLP(nn.Module):
+    """One MLP per group with 3-D (groups, in, out) parameters, applied with torch.bmm."""
+
+    def __init__(self, d: int = 16, hidden: int = 64, groups: int = 3) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(groups, d, hidden) / d ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(groups, hidden, d) / hidden ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, groups, d)
+        g = x.transpose(0, 1)  # (groups, batch, d)
+        return torch.bmm(F.gelu(torch.bmm(g, self.w1)), self.w2).transpose(0, 1)
+
+
+class ExportedBmmMLP(BmmMLP):
+    """The same through torch.export (a branch on a shape): aten.bmm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.w1.shape[0]:
+            return super().forward(x)
+        return x
+
+
 CASES.update({
     "einsum_attention": (EinsumAttention, (3, 6, 32), {"einsum", "einsum_1", "einsum_2", "einsum_3"}, 0.1),
     "matmul_mlp": (MatmulMLP, (3, 5, 16), {"matmul", "matmul_1"}, 0.1),
     "conv_mlp": (ConvMLP, (3, 16, 4, 5), {"up", "down", "up1", "down1"}, 0.1),
     "conv_mlp_export": (ExportedConvMLP, (3, 16, 4, 5), {"up", "down", "up1", "down1"}, 0.1),
+    "bmm_mlp": (BmmMLP, (4, 3, 16), {"bmm", "bmm_1"}, 0.1),
+    "bmm_mlp_export": (ExportedBmmMLP, (4, 3, 16), {"bmm", "bmm_1"}, 0.1),
 })
 
 

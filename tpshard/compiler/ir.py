@@ -383,6 +383,11 @@ def _describe_function(node: fx.Node) -> Op:
             and _ndim(args[1]) == 2:  # x @ W, W stored (in, out)
         return Op(node, "linear", [args[0]], {"weight": args[1].target, "bias": None, "transposed": True},
                   owner(args[1].target))
+    if fn in (torch.matmul, operator.matmul, torch.bmm) and len(args) == 2 and _param_name(args[1]) \
+            and _ndim(args[1]) == 3 and _ndim(args[0]) == 3:  # bmm(x, W): one (in, out) weight per batch
+        found = einsum_linear("bnd,bdk->bnk", list(args), _param_name, _ndim)
+        if found is not None:
+            return Op(node, "linear", [found[0]], found[1], owner(found[1]["weight"]))
     if fn in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
         return Op(node, "matmul", _tensor_args(args))
     if fn is torch.einsum and args:

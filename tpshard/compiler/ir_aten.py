@@ -70,7 +70,8 @@ def describe_aten(gm: fx.GraphModule) -> list[Op]:
     for op in layers:
         counts[op.module] = counts.get(op.module, 0) + 1
     for op in layers:
-        op.attrs["key"] = op.module if counts[op.module] == 1 and op.module else f"{op.module}:{op.node.name}"
+        op.attrs["key"] = (op.module if counts[op.module] == 1 else f"{op.module}:{op.node.name}") if op.module \
+            else op.node.name  # (at the root, as symbolic tracing names it)
     return ops
 
 
@@ -102,6 +103,11 @@ def _describe(node: fx.Node, params: set[str]) -> Op:
         return Op(node, "linear", [a[1]], {"weight": a[2].target, "bias": a[0].target, "transposed": True})
     if p in (aten.mm, aten.matmul) and _is_param(a[1], params) and _ndim(a[1]) == 2:
         return Op(node, "linear", [a[0]], {"weight": a[1].target, "bias": None, "transposed": True})
+    if p in (aten.bmm, aten.matmul) and _is_param(a[1], params) and _ndim(a[1]) == 3 and _ndim(a[0]) == 3:
+        found = einsum_linear("bnd,bdk->bnk", list(a[:2]), lambda o: o.target if _is_param(o, params) else None,
+                              _ndim)  # bmm(x, W): one (in, out) weight per batch
+        if found is not None:
+            return Op(node, "linear", [found[0]], found[1])
     if p is aten.einsum:
         found = einsum_linear(a[0], list(a[1]), lambda o: o.target if _is_param(o, params) else None, _ndim)
         if found is not None:
