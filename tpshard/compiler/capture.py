@@ -23,6 +23,7 @@ import copy
 import inspect
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -318,33 +319,45 @@ def _deadline(seconds: float) -> Iterator[None]:
         return
 
     # An outer timer (pytest-timeout's, a job's) keeps its deadline: whichever is first fires,
-    # and the outer one is re-armed with what is left of it afterwards.
+    # and the outer one is re-armed with what is left of it afterwards. The timer repeats every
+    # half second past the deadline: an exception raised while Python runs a finalizer is
+    # printed and dropped, and a capture must not outlive its bound because of one.
     outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
-    ours_first = not outer_left or seconds < outer_left
     started = time.monotonic()
+    ours_at = started + seconds
+    outer_at = started + outer_left if outer_left else float("inf")
 
     def expire(signum: int, frame: Any) -> None:
-        if ours_first:
-            raise _CaptureTimeout(_running_line(frame))
-        if callable(previous):
+        now = time.monotonic()
+        if now >= outer_at - 1e-3 and callable(previous):
             previous(signum, frame)
+        elif now >= ours_at - 1e-3:
+            raise _CaptureTimeout(_running_line(frame))
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds if ours_first else outer_left)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_left or seconds), 0.5)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if outer_left:
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 1e-3), outer_interval)
+            signal.setitimer(signal.ITIMER_REAL, max(outer_at - time.monotonic(), 1e-3), outer_interval)
 
 
 def _running_line(frame: Any) -> str:
-    """The innermost line outside torch and tpshard on the stack: the model code being captured."""
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    """The innermost line on the stack that is the model's code: not torch, its symbolic maths
+    (sympy), tpshard or the standard library."""
+    libs = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))]
+    if "sympy" in sys.modules:
+        libs.append(os.path.dirname(sys.modules["sympy"].__file__))
+    stdlib = os.path.dirname(os.__file__)
+
+    def library(path: str) -> bool:
+        return path.startswith(tuple(libs)) or (path.startswith(stdlib) and "site-packages" not in path)
+
     for f in reversed(traceback.extract_stack(frame)):
-        if not f.filename.startswith(skip):
+        if not library(f.filename):
             return f"{f.filename}:{f.lineno} ({f.name}): {f.line}"
     return "inside torch (no model source line on the stack)"
 
