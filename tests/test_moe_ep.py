@@ -197,3 +197,56 @@ def test_a_checkpoint_holds_each_ranks_experts(tmp_path) -> None:  # noqa: ANN00
                                    rtol=0, atol=0)
         for name, p in module.named_parameters():
             torch.testing.assert_close(p.detach(), plan.params[name].shard(state[name], rank, 2), rtol=0, atol=0)
+
+
+def _stacked_factory() -> tuple:
+    return _stacked(), (torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1), dtype=DT),), {}
+
+
+def test_the_cli_plans_shards_and_reshards_with_expert_parallel(tmp_path, capsys) -> None:  # noqa: ANN001
+    from tpshard import cli
+    spec = "test_moe_ep:_stacked_factory"
+    assert cli.main(["plan", spec, "-n", "2", "--expert-parallel"]) == 0
+    out = capsys.readouterr().out
+    assert "expert_parallel" in out and "expert parallel: experts [0:2] [2:4] per rank" in out, out
+    assert cli.main(["plan", spec, "-n", "2"]) == 0 and "expert_tp" in capsys.readouterr().out
+    assert cli.main(["shard", spec, "-n", "2", "--expert-parallel", "--out", str(tmp_path / "ckpt")]) == 0
+    state = _stacked().state_dict()
+    module = tpshard.load_sharded(_stacked_factory, tmp_path / "ckpt", rank=1)
+    assert module.tpshard_plan.modules["experts"].style == "expert_parallel"
+    assert torch.equal(module.get_parameter("experts.up"), state["experts.up"][2:])
+    # resharded to 4 ranks: still whole experts per rank
+    assert cli.main(["reshard", str(tmp_path / "ckpt"), "-n", "4", "--out", str(tmp_path / "ckpt4")]) == 0
+    module = tpshard.load_sharded(_stacked_factory, tmp_path / "ckpt4", rank=3)
+    assert module.tpshard_plan.modules["experts"].expert_parallel["per_rank"] == 1
+    assert torch.equal(module.get_parameter("experts.down"), state["experts.down"][3:])
+
+
+def _sequence_body(rank: int, world: int) -> dict:
+    """Sequence parallelism with expert parallelism: the experts' partial sum reduce-scattered."""
+    model = _stacked()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1), dtype=DT)
+    sharded = tpshard.parallelize(model, world, example_inputs=(x,), sequence_parallel=True, expert_parallel=True)
+    return _step(sharded, ref, lambda m: m(x), sharded.tpshard_plan, rank, world)
+
+
+@pytest.mark.timeout(180)
+def test_sequence_parallel_with_expert_parallel() -> None:
+    results = run_ranks(_sequence_body, 2, timeout=160)
+    for r in results:
+        bad = {k: v for k, v in r["errors"].items() if not v <= RTOL}
+        assert not bad, bad
+    assert results[0]["styles"]["experts"] == "expert_parallel"
+
+
+def test_a_model_on_the_meta_device_gets_the_same_plan() -> None:
+    real = hf_model("mixtral", layers=1)
+    with torch.device("meta"):
+        meta = type(real)(real.config).to(DT)
+    args = (torch.randint(0, 64, (2, 8)),)
+    want = tpshard.plan(real, 2, example_inputs=args, example_kwargs=KW, expert_parallel=True)
+    got = tpshard.plan(meta, 2, example_inputs=tuple(a.to("meta") for a in args), example_kwargs=KW,
+                       expert_parallel=True)
+    assert got == want
+    assert got.modules["model.layers.0.mlp.experts"].style == "expert_parallel"
