@@ -250,3 +250,29 @@ def test_a_model_on_the_meta_device_gets_the_same_plan() -> None:
                        expert_parallel=True)
     assert got == want
     assert got.modules["model.layers.0.mlp.experts"].style == "expert_parallel"
+
+
+def test_plan_rows_grads_blocks_and_the_override() -> None:
+    from tpshard.plan import GRAD_LOCAL
+    model = hf_model("qwen3_moe", layers=4)  # 8 experts; 4 blocks, planned once and stamped
+    plan = tpshard.plan(model, 4, example_inputs=(torch.randint(0, 64, (2, 8)),), example_kwargs=KW,
+                        expert_parallel=True)
+    assert plan.blocks["planned_once"]
+    for layer in range(4):
+        experts = plan.modules[f"model.layers.{layer}.mlp.experts"]
+        assert experts.style == "expert_parallel" and experts.expert_parallel["per_rank"] == 2
+        assert experts.reason.startswith("expert parallel: experts [0:2] [2:4] [4:6] [6:8] per rank"), experts.reason
+        assert experts.collectives == {"fwd all_reduce": 1, "bwd all_reduce": 1}, experts.collectives
+        for name in experts.params:
+            assert plan.params[name].dim == 0 and plan.grads[name] == GRAD_LOCAL, (name, plan.params[name])
+        assert plan.modules[f"model.layers.{layer}.mlp.gate"].style == "replicate"  # every rank routes alike
+    assert tpshard.Plan.from_json(plan.to_json()) == plan
+    # the style as an override, without the option; refused with the reason where it cannot hold
+    x = (torch.randn(3, 5, 16, dtype=DT),)
+    assert tpshard.plan(_stacked(), 2, example_inputs=x, overrides={"experts": "expert_parallel"}).modules[
+        "experts"].style == "expert_parallel"
+    with pytest.raises(tpshard.PlanError, match="cannot be honored: the experts are a ModuleList"):
+        tpshard.plan(HandMoE().to(DT), 2, example_inputs=x, overrides={"experts": "expert_parallel"})
+    # expert_tp as an override keeps expert TP for that layer
+    assert tpshard.plan(_stacked(), 2, example_inputs=x, overrides={"experts": "expert_tp"},
+                        expert_parallel=True).modules["experts"].style == "expert_tp"
