@@ -15,10 +15,13 @@ __all__ = ["plan", "parallelize"]
 
 
 def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None, inplace: bool = False,
-                   seq: bool = False, kv_replicas: bool | None = None) -> Plan:
+                   seq: bool = False, kv_replicas: bool | None = None, ep: bool = False) -> Plan:
     # Replicated kv heads need the graph: an in-place plan keeps them whole.
     kv = not inplace if kv_replicas is None else kv_replicas
-    p = plan_captured(c, world_size, overrides, kv_replicas=kv)
+    if ep and inplace:
+        raise PlanError("expert_parallel=True needs the graph (each rank's experts module is called with "
+                        "remapped routing); it cannot be applied in place")
+    p = plan_captured(c, world_size, overrides, kv_replicas=kv, expert_parallel=ep)
     if seq:
         if inplace:
             raise PlanError("sequence_parallel=True needs the graph (reduce-scatters and gathers between "
@@ -28,7 +31,8 @@ def _plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | Non
 
 
 def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
-         overrides: dict[str, str] | None = None, inplace: bool = False, sequence_parallel: bool = False) -> Plan:
+         overrides: dict[str, str] | None = None, inplace: bool = False, sequence_parallel: bool = False,
+         expert_parallel: bool = False) -> Plan:
     """Plan how to split ``model`` over ``world_size`` ranks. Pure analysis: no process group,
     no weights copied, the model untouched (a model on the meta device stays there).
 
@@ -45,6 +49,13 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
     reduce-scatter and an all-gather); inputs and outputs stay replicated. ``Plan.sequence``
     says where the sequence dim is and why (see :mod:`tpshard.compiler.sequence`).
 
+    ``expert_parallel=True`` gives each rank whole routed experts (rank r: experts
+    ``[r*E/W, (r+1)*E/W)``) instead of every expert's hidden dim; the tokens are replicated, so
+    no all-to-all: each rank runs its experts with the routing remapped, the partial sums reduced
+    by the layer's all-reduce (see :mod:`tpshard.compiler.moe_ep`). A world size that does not
+    divide an expert count is an error; experts it cannot split so keep expert TP (the reason
+    in the plan).
+
     Example::
 
         >>> import torch, tpshard
@@ -58,15 +69,15 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
         # shapes only, so capture with everything on the meta device.
         with on_meta(model):
             return _plan_captured(capture(model, to_meta(example_inputs), to_meta(example_kwargs or {})),
-                                  world_size, overrides, inplace, sequence_parallel)
+                                  world_size, overrides, inplace, sequence_parallel, ep=expert_parallel)
     return _plan_captured(capture(model, example_inputs, example_kwargs), world_size, overrides, inplace,
-                          sequence_parallel)
+                          sequence_parallel, ep=expert_parallel)
 
 
 def parallelize(model: nn.Module, world_size: int | None = None, *, example_inputs: tuple = (),
                 example_kwargs: dict | None = None, group: Any = None, plan: Plan | None = None,
                 overrides: dict[str, str] | None = None, inplace: bool = False,
-                sequence_parallel: bool = False) -> nn.Module:
+                sequence_parallel: bool = False, expert_parallel: bool = False) -> nn.Module:
     """This rank's tensor-parallel version of ``model``.
 
     Runs inside an initialized torch.distributed job (e.g. under ``torchrun``); the rank comes
@@ -81,7 +92,8 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
     so every method keeps working (e.g. Hugging Face ``generate()``); a plan that needs the
     graph is refused with the node that needs it (see :mod:`tpshard.compiler.inplace`). The
     attributes are the plan's (``plan(..., inplace=True)``); a plan made for the graph gets
-    them found first. ``sequence_parallel=True``: as in :func:`plan` (a given ``plan=`` decides).
+    them found first. ``sequence_parallel=True``, ``expert_parallel=True``: as in :func:`plan` (a
+    given ``plan=`` decides).
 
     Example (world size 1 needs no job)::
 
@@ -112,10 +124,13 @@ def parallelize(model: nn.Module, world_size: int | None = None, *, example_inpu
         capture_for_plan(model, example_inputs, example_kwargs, plan)
     if plan is None:
         plan = _plan_captured(c, world_size, overrides, inplace and sequence_parallel, sequence_parallel,
-                              kv_replicas=not inplace)
+                              kv_replicas=not inplace, ep=expert_parallel)
     elif plan.world_size != world_size:
         raise PlanError(f"the plan is for world size {plan.world_size}, not {world_size}")
     if inplace:
+        if any(m.style == "expert_parallel" for m in plan.modules.values()):
+            raise PlanError("the plan has expert-parallel experts, which need the graph (remapped routing); "
+                            "parallelize it without inplace=True")
         if plan.attribute_changes is None:  # made for the graph: find them (plan time, before applying)
             plan = plan_inplace(model, c, plan)
         return apply_inplace(model, c, plan, g)

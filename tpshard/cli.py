@@ -1,6 +1,6 @@
 """The ``tpshard`` command line.
 
-    tpshard plan MODEL --world-size N [--json] [--sequence-parallel]
+    tpshard plan MODEL --world-size N [--json] [--sequence-parallel] [--expert-parallel]
                                                         how MODEL is split, and memory per rank
     tpshard shard MODEL --world-size N --out DIR        a sharded checkpoint: one file per rank
     tpshard merge DIR --out FILE.safetensors | OUT_DIR  the full weights again, bit-exact (a directory:
@@ -147,7 +147,8 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
     source = checkpoint.open_weights(weights, trust_pickle=ns.trust_pickle) if weights else None
     with source if source is not None else contextlib.nullcontext():
         plan = checkpoint.plan_model(model, ns.world_size, example_inputs=args, example_kwargs=kwargs,
-                                     overrides=overrides_of(ns), sequence_parallel=ns.sequence_parallel)
+                                     overrides=overrides_of(ns), sequence_parallel=ns.sequence_parallel,
+                                     expert_parallel=ns.expert_parallel)
         if ns.json:
             print(plan.to_json())
             return 0
@@ -169,7 +170,8 @@ def _cmd_shard(ns: argparse.Namespace) -> int:
         model, args, kwargs = _load_for(ns)
     manifest = checkpoint.save_sharded(
         model, ns.out, ns.world_size, weights=ns.weights, trust_pickle=ns.trust_pickle, example_inputs=args,
-        example_kwargs=kwargs, overrides=overrides_of(ns), model_spec=ns.model, force=ns.force)
+        example_kwargs=kwargs, overrides=overrides_of(ns), model_spec=ns.model, force=ns.force,
+        expert_parallel=ns.expert_parallel)
     total = sum(f.bytes for f in manifest.files)
     print(f"wrote {manifest.directory}: {len(manifest.files)} rank files, {format_bytes(total)} in all, "
           f"{len(manifest.tensors)} tensors ({len(manifest.ties)} tied aliases)")
@@ -248,6 +250,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_override_arg(p)
 
 
+EP_HELP = ("give each rank whole routed experts (rank r: experts [r*E/N, (r+1)*E/N)) instead of every expert's "
+           "hidden dim; N must divide the expert count")
+
+
 def _add_plan(sub: Any) -> None:
     p = sub.add_parser("plan", help="print how a model is split over N ranks, and memory per rank")
     _add_model_args(p)
@@ -256,6 +262,7 @@ def _add_plan(sub: Any) -> None:
     p.add_argument("--sequence-parallel", action="store_true",
                    help="split the residual stream between blocks along the sequence dim (norms, residual adds, "
                         "dropout on sequence shards; reduce-scatter + all-gather in place of each all-reduce)")
+    p.add_argument("--expert-parallel", action="store_true", help=EP_HELP)
     p.set_defaults(fn=_cmd_plan)
 
 
@@ -265,6 +272,7 @@ def _add_shard(sub: Any) -> None:
     p.add_argument("-n", "--world-size", type=_world_size, required=True, help=WORLD_HELP)
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (created)")
     p.add_argument("--force", action="store_true", help="replace DIR if it is an existing tpshard checkpoint")
+    p.add_argument("--expert-parallel", action="store_true", help=EP_HELP)
     p.set_defaults(fn=_cmd_shard)
 
 

@@ -112,12 +112,15 @@ class ModulePlan:
 
     path: str
     kind: str                    # linear | embedding | experts (a routed experts region)
-    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather | expert_tp;
+    style: str                   # column | row | vocab | embed_dim | replicate | column_no_gather | expert_tp
+                                 # | expert_parallel;
                                  # for a module's other parameters (kind "module"): replicate | sliced
     params: list[str] = field(default_factory=list)
     reason: str = ""
     segments: tuple[int, ...] | None = None   # layout of the split features (column/row)
     collectives: dict[str, int] = field(default_factory=dict)  # "fwd all_reduce" -> count
+    # style expert_parallel: the routing remap (tpshard.compiler.moe_ep); empty otherwise
+    expert_parallel: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -214,6 +217,9 @@ class Plan:
         for optional in ("sequence", "blocks"):  # plans without them read as before
             if not d[optional]:
                 del d[optional]
+        for m in d["modules"].values():  # and modules without expert parallelism
+            if not m["expert_parallel"]:
+                del m["expert_parallel"]
         for e in d["edits"]:  # as do edits outside joint copies
             if e["joint"] is None:
                 del e["joint"]

@@ -67,7 +67,8 @@ def _inputs_from_record(rec: dict) -> tuple[tuple, dict]:
 
 
 def plan_model(model: nn.Module, world_size: int, *, example_inputs: tuple = (), example_kwargs: dict | None = None,
-               overrides: dict[str, str] | None = None, sequence_parallel: bool = False) -> Plan:
+               overrides: dict[str, str] | None = None, sequence_parallel: bool = False,
+               expert_parallel: bool = False) -> Plan:
     """:func:`tpshard.plan` on a meta view of ``model`` (for models built under :func:`empty_weights`,
     whose real buffers and meta parameters do not mix in shape propagation).
 
@@ -82,4 +83,4 @@ def plan_model(model: nn.Module, world_size: int, *, example_inputs: tuple = (),
     with on_meta(model):
         return plan(model, world_size, example_inputs=to_meta(tuple(example_inputs)),
                     example_kwargs=to_meta(dict(example_kwargs or {})), overrides=overrides,
-                    sequence_parallel=sequence_parallel)
+                    sequence_parallel=sequence_parallel, expert_parallel=expert_parallel)

@@ -209,7 +209,7 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
                  weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None, trust_pickle: bool = False,
                  plan: Plan | None = None, example_inputs: tuple | None = None, example_kwargs: dict | None = None,
                  overrides: dict[str, str] | None = None, model_spec: str | None = None, force: bool = False,
-                 progress: bool | None = None) -> Manifest:
+                 progress: bool | None = None, expert_parallel: bool = False) -> Manifest:
     """Shard ``weights`` (default: ``model``'s own) over ``world_size`` ranks into ``directory``.
 
     ``model`` describes the architecture: an ``nn.Module`` (on the meta device is enough when
@@ -219,6 +219,7 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
     device unless given. Streaming: one tensor in memory at a time. ``model_spec`` (what the CLI
     takes as MODEL) is recorded so :func:`reshard` can plan again; a module-level factory is
     recorded by itself. ``progress``: a bar on stderr (default: when it is a terminal).
+    ``expert_parallel``: as in :func:`tpshard.plan` (when the plan is made here).
 
     Returns the manifest written. Example::
 
@@ -245,7 +246,8 @@ def save_sharded(model: ModelLike, directory: str | os.PathLike, world_size: int
                               "(its overrides are plan.overrides); make it with tpshard.plan(..., overrides=...)")
     with _weights_for(module, weights, trust_pickle) as source:
         if plan is None:
-            plan = plan_model(module, world_size, example_inputs=args, example_kwargs=kwargs, overrides=overrides)
+            plan = plan_model(module, world_size, example_inputs=args, example_kwargs=kwargs, overrides=overrides,
+                              expert_parallel=expert_parallel)
         elif plan.world_size != world_size:
             raise CheckpointError(f"the plan is for world size {plan.world_size}, not {world_size}")
         ties = _tie_map(module, plan)
@@ -363,9 +365,11 @@ def reshard(directory: str | os.PathLike, out_dir: str | os.PathLike, world_size
                                   "(--model MODEL)")
         module, args, kwargs = _resolve_model(model, example_inputs, example_kwargs, src.example_inputs)
         _check_model(module, src)
-        # The source's overrides hold for the new world size too (a head left split stays split).
+        # The source's overrides hold for the new world size too (a head left split stays split),
+        # as does expert parallelism.
         plan = plan_model(module, world_size, example_inputs=args, example_kwargs=kwargs,
-                          overrides=src.plan.overrides or None)
+                          overrides=src.plan.overrides or None,
+                          expert_parallel=any(m.style == "expert_parallel" for m in src.plan.modules.values()))
     elif plan.world_size != world_size:
         raise CheckpointError(f"the plan is for world size {plan.world_size}, not {world_size}")
     items = []

@@ -94,7 +94,7 @@ def _experts(op: Op, ins: list[Any], d: Decider) -> tuple[Any, list[Any]]:
     takes its inputs whole and returns a partial sum."""
     if any(isinstance(p, Split) for p in ins):
         raise Fail(op, "the experts' tokens or routing are split")
-    if d.linear_style(op) == "expert_tp":
+    if d.linear_style(op) in ("expert_tp", "expert_parallel"):
         return Partial(), [REPLICATED] * len(ins)
     return REPLICATED, need_replicated(op, ins)
 

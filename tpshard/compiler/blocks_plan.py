@@ -213,7 +213,7 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
 
 
 def plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None = None,
-                  kv_replicas: bool = True) -> Plan:
+                  kv_replicas: bool = True, expert_parallel: bool = False) -> Plan:
     """Plan a capture: a stamped one through its two-block graph (each block planned once), when
     the plan shows the blocks are interchangeable; else the full graph (a note in the plan says
     why), and with overrides (which may name any block) too.
@@ -229,18 +229,18 @@ def plan_captured(c: Captured, world_size: int, overrides: dict[str, str] | None
         ['column', 'row']
     """
     if c.repeated is None:
-        return make_plan(c.gm, c.ops, world_size, overrides, c.kind, kv_replicas=kv_replicas)
+        return make_plan(c.gm, c.ops, world_size, overrides, c.kind, kv_replicas=kv_replicas, expert_parallel=expert_parallel)
     two, stamp = c.repeated
     b = stamp.blocks
     why = "overrides may name any block" if overrides else ""
     plan = None
     if not overrides:
         try:
-            plan = stamp_plan(make_plan(two.gm, two.ops, world_size, None, two.kind, kv_replicas=kv_replicas), stamp)
+            plan = stamp_plan(make_plan(two.gm, two.ops, world_size, None, two.kind, kv_replicas=kv_replicas, expert_parallel=expert_parallel), stamp)
         except NotRepeatable as e:  # exact either way; the note says why planning took longer
             why = str(e)
     if plan is None:
-        plan = make_plan(c.gm, c.ops, world_size, overrides, c.kind, kv_replicas=kv_replicas)
+        plan = make_plan(c.gm, c.ops, world_size, overrides, c.kind, kv_replicas=kv_replicas, expert_parallel=expert_parallel)
         plan.notes.append(f"{b.container or 'the model'}: each block planned (not once): {why}")
     plan.blocks = {"container": b.container, "count": b.count, "stamped_from": b.block(1), "planned_once": not why}
     return plan

@@ -36,6 +36,7 @@ from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.ir import plan_key as _key
 from tpshard.compiler.kv_heads import KEPT_WHOLE_PREFIX
 from tpshard.compiler.moe import EXPERT_STYLE, describe_split, probe
+from tpshard.compiler.moe_ep import EP_STYLE, choose_ep, ep_reason
 from tpshard.compiler.planner_replay import replay
 from tpshard.compiler.styles import STYLES
 from tpshard.plan import Plan, PlanError
@@ -134,9 +135,10 @@ class _Trial:
             self._param(op, op.attrs["bias"], 0, var)
         self.push(op.node)
 
-    def make_experts(self, op: Op, split: dict[str, Any]) -> None:
-        """Expert tensor parallelism: every expert's hidden dim split (see tpshard.compiler.moe)."""
-        self.styles[op.name] = EXPERT_STYLE
+    def make_experts(self, op: Op, split: dict[str, Any], style: str = EXPERT_STYLE) -> None:
+        """Expert tensor parallelism: every expert's hidden dim split (see tpshard.compiler.moe);
+        or expert parallelism: whole experts per rank (tpshard.compiler.moe_ep)."""
+        self.styles[op.name] = style
         for rel, (dim, segments) in split.items():
             name = f"{op.attrs['key']}.{rel}"
             size = self.planner.param_shapes[name][dim]
@@ -232,8 +234,10 @@ class _Trial:
 
 class _Planner:
     def __init__(self, gm: fx.GraphModule, ops: list[Op], world_size: int, overrides: dict[str, str] | None,
-                 capture_kind: str, kv_replicas: bool = True) -> None:
+                 capture_kind: str, kv_replicas: bool = True, expert_parallel: bool = False) -> None:
         self.gm = gm
+        self.expert_parallel = expert_parallel
+        self.expert_specs: dict[str, dict[str, Any]] = {}  # experts op -> remap (moe_ep)
         self.kv_replicas = kv_replicas
         self.replicas: dict[str, int] = {}  # parameter -> replicas (replicated kv heads, see kv_heads)
         self.ops = ops
@@ -348,24 +352,35 @@ class _Planner:
 
     def seed_experts(self, op: Op) -> None:
         ov = self.override(op)
-        if ov not in (None, "replicate", EXPERT_STYLE):
-            raise PlanError(f"override {ov!r} does not apply to the experts {_key(op)}; use {EXPERT_STYLE} or replicate")
+        if ov not in (None, "replicate", EXPERT_STYLE, EP_STYLE):
+            raise PlanError(f"override {ov!r} does not apply to the experts {_key(op)}; use {EXPERT_STYLE}, "
+                            f"{EP_STYLE} or replicate")
         if ov == "replicate" or self.world_size == 1:
             return self.replicate(op, "override" if ov else "world size 1")
         region = op.attrs["region"]
-        split, why = probe(region, self.world_size) if region.form else (
-            None, "kept whole: parameters stacked per expert, but not called with tokens and expert ids")
-        if split is None:
-            if ov:
-                raise PlanError(f"override {ov!r} for {_key(op)} cannot be honored: {why}")
-            return self.replicate(op, why)
-        trial, failures = self.attempt(op, lambda t: t.make_experts(op, split))
+        wanted = ov == EP_STYLE or (self.expert_parallel and ov is None)
+        ep, refused = choose_ep(_key(op), region, self.world_size, wanted, ov == EP_STYLE)
+        if ep is not None:  # whole experts per rank: every parameter split along its expert dim
+            split, style = {k: (0, None) for k, _ in region.module.named_parameters()}, EP_STYLE
+        else:
+            style = EXPERT_STYLE
+            split, why = probe(region, self.world_size) if region.form else (
+                None, "kept whole: parameters stacked per expert, but not called with tokens and expert ids")
+            if split is None:
+                if ov:
+                    raise PlanError(f"override {ov!r} for {_key(op)} cannot be honored: {why}")
+                return self.replicate(op, refused + why)
+        trial, failures = self.attempt(op, lambda t: t.make_experts(op, split, style))
         if trial is None:
-            return self.replicate(op, f"kept whole: {failures[0].reason} (at node {failures[0].op.name!r})")
+            return self.replicate(op, f"{refused}kept whole: {failures[0].reason} (at node {failures[0].op.name!r})")
         self.commit(trial)
-        self.reasons[op.name] = (f"expert tensor parallelism over {region.experts} experts, recognized as "
-                                 f"{region.form}: hidden dim split ({describe_split(split)}); partial sums "
-                                 "reduced with the layer's")
+        if ep is not None:
+            self.expert_specs[op.name] = ep
+            self.reasons[op.name] = ep_reason(ep, self.world_size) + f" (recognized as {region.form})"
+        else:
+            self.reasons[op.name] = (f"{refused}expert tensor parallelism over {region.experts} experts, recognized as "
+                                     f"{region.form}: hidden dim split ({describe_split(split)}); partial sums "
+                                     "reduced with the layer's")
         routing = self.reachable(op.node, lambda o: o.kind != "linear", reverse=True) - {op.tensors[0]}
         for n in routing:  # the router: whole, so that every rank routes alike
             other = self.ops[self.index[n]]
@@ -445,11 +460,12 @@ class _Planner:
 
 
 def make_plan(gm: fx.GraphModule, ops: list[Op], world_size: int, overrides: dict[str, str] | None = None,
-              capture_kind: str = "fx", kv_replicas: bool = True) -> Plan:
+              capture_kind: str = "fx", kv_replicas: bool = True, expert_parallel: bool = False) -> Plan:
     """Plan ``gm`` (already shape-propagated and described as ``ops``) for ``world_size`` ranks.
 
     ``kv_replicas``: grouped-query kv heads fewer than the ranks are replicated where exact
-    (:mod:`tpshard.compiler.kv_heads`); False keeps them whole (in-place plans)."""
+    (:mod:`tpshard.compiler.kv_heads`); False keeps them whole (in-place plans).
+    ``expert_parallel``: routed experts get whole experts per rank (:mod:`tpshard.compiler.moe_ep`)."""
     if world_size < 1:
         raise PlanError(f"world_size must be >= 1, got {world_size}")
-    return _Planner(gm, ops, world_size, overrides, capture_kind, kv_replicas).run()
+    return _Planner(gm, ops, world_size, overrides, capture_kind, kv_replicas, expert_parallel).run()

@@ -322,7 +322,8 @@ def _write_plan(pl: "_Planner", place: dict, edits: list[Edit], op_of: dict) -> 
         split = next((params[x] for x in names if params[x].dim is not None), None)
         reason = pl.reasons.get(op.name) or _region_reason(pl, op, style)
         modules[key] = ModulePlan(path=key, kind=op.kind, style=style, params=names, reason=reason,
-                                  segments=split.segments if split and op.kind != "experts" else None)
+                                  segments=split.segments if split and op.kind != "experts" else None,
+                                  expert_parallel=dict(pl.expert_specs.get(op.name, {})))
         owner_of[op.name] = key
     covered = {x for m in modules.values() for x in m.params}
     leftovers: dict[str, list[str]] = {}

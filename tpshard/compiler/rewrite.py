@@ -40,6 +40,7 @@ from tpshard import comm, subgroups
 from tpshard.compiler.capture import Captured
 from tpshard.compiler.ir import Op, shape_of
 from tpshard.compiler.moe import copy_joint
+from tpshard.compiler.moe_ep import local_experts
 from tpshard.compiler.sequence import full_size
 from tpshard.compiler.styles import SPLIT_STYLES, parallel_layer
 from tpshard.layers import vocab_parallel_lookup
@@ -61,6 +62,8 @@ def _build_module(orig: nn.Module, path: str, plan: Plan, group: comm.Group) -> 
         return parallel_layer(orig, style, mp.segments, group, in_graph=True)
     if style == "expert_tp":  # a routed experts region: its own code on this rank's shards (moe.py)
         return _local_params(orig, path, plan, group)
+    if style == "expert_parallel":  # this rank's whole experts, its routing remapped (moe_ep.py)
+        return local_experts(_local_params(orig, path, plan, group), mp.expert_parallel, group.rank)
     return copy.deepcopy(orig)
 
 

@@ -45,8 +45,9 @@ LAYERS: dict[str, _Layer] = {
 #: The styles that split a module's parameters; "replicate" keeps a module whole.
 SPLIT_STYLES = frozenset(LAYERS)
 #: Every style a Plan (or an override) may name; "expert_tp" splits a routed experts region
-#: (tpshard.compiler.moe) along every expert's hidden dim, its own code run on the shards.
-STYLES = SPLIT_STYLES | {"replicate", "expert_tp"}
+#: (tpshard.compiler.moe) along every expert's hidden dim, its own code run on the shards;
+#: "expert_parallel" gives each rank whole experts (tpshard.compiler.moe_ep).
+STYLES = SPLIT_STYLES | {"replicate", "expert_tp", "expert_parallel"}
 
 
 def parallel_layer(module: nn.Module, style: str, segments: Any, group: Any, *, in_graph: bool,
