@@ -586,3 +586,32 @@ def test_gpu_cli_and_localization() -> None:
     plan.modules["h.1.mlp.c_proj"].segments = (64, 64)
     report = verify(model, 2, example_inputs=args, plan=plan, device="cuda", dtype="float32", timeout=150)
     assert not report.ok and report.first_divergence == "h.1.mlp.c_proj"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face MoE: grouped_mm has no float64 kernel; the router rounds in float32.
+
+
+def _mixtral() -> nn.Module:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64)
+    model = tf.MixtralForCausalLM(cfg)
+    model.config._experts_implementation = "grouped_mm"  # the default from_pretrained picks
+    models.randomize_(model)
+    return model
+
+
+@pytest.mark.timeout(200)
+def test_hf_mixtral_verifies_and_a_defect_is_still_caught() -> None:
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = {"use_cache": False}
+    report = _verify(_mixtral(), 2, example_inputs=(ids,), example_kwargs=kw, timeout=150)
+    assert report.ok, report
+    assert any("grouped_mm" in n for n in report.notes) and any("coarser dtype" in n for n in report.notes)
+    # The float32 router widens the noise to float32's; a 1e-3 defect is still far outside it.
+    bad = _verify(_mixtral(), 2, example_inputs=(ids,), example_kwargs=kw, timeout=150,
+                  _tamper=functools.partial(_scale_all_reduce, 1e-3))
+    assert not bad.ok and bad.tolerance_used() > 1.5, bad

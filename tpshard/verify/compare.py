@@ -120,14 +120,16 @@ def default_tolerance(dtype: torch.dtype | str) -> DtypeTolerance:
 
 
 def noise_tolerance(dtype: torch.dtype | str, magnitude: float, *, run: float | None = None,
-                    sensitivity: float = 0.0, margin: float | None = None) -> tuple[float, str]:
+                    sensitivity: float = 0.0, margin: float | None = None,
+                    unit_roundoff: float | None = None) -> tuple[float, str]:
     """The absolute tolerance of one compared tensor, and its basis in words.
 
     ``tol = margin * max(run, u * sensitivity, u * magnitude)`` with ``u`` the unit roundoff
     of ``dtype``: ``run`` is the unsharded model's own error in ``dtype`` against float64
     (None for float64), ``sensitivity`` the tensor's change per relative unit of rounding
     applied to every operation, ``magnitude`` its own ``max|truth|``. The basis names the
-    largest term.
+    largest term. ``unit_roundoff`` replaces the dtype's where the computation rounds coarser
+    somewhere (a float32 softmax inside a float64 model).
 
     Example (a sum of features that is ~0 while the features are ~1)::
 
@@ -138,7 +140,7 @@ def noise_tolerance(dtype: torch.dtype | str, magnitude: float, *, run: float | 
     dtype = parse_dtype(dtype)
     spec = default_tolerance(dtype)
     m = spec.margin if margin is None else margin
-    u = spec.unit_roundoff
+    u = spec.unit_roundoff if unit_roundoff is None else max(unit_roundoff, spec.unit_roundoff)
     terms = {"u*sensitivity": u * sensitivity, "u*magnitude": u * magnitude}
     if run is not None:
         terms = {"run": run, **terms}
@@ -393,11 +395,12 @@ class Tolerances:
     @classmethod
     def derive(cls, dtype: torch.dtype, truth: dict[str, Any], runs: Sequence[dict[str, Any]],
                samples: Sequence[dict[str, Any]], delta: float = _DELTA, margin: float | None = None,
-               run_dtype: torch.dtype | None = None) -> Tolerances:
+               run_dtype: torch.dtype | None = None, unit_roundoff: float | None = None) -> Tolerances:
         """From the float64 ``truth`` step, the steps ``runs`` in ``run_dtype`` (default
         ``dtype``; for float64, float32 runs whose errors are scaled by the ratio of unit
         roundoffs; the largest error counts) and the float64 ``samples`` run under
-        :class:`_RoundingModel` with ``delta``."""
+        :class:`_RoundingModel` with ``delta``; ``unit_roundoff``: that of the coarsest dtype
+        the computation rounds in, when coarser than ``dtype`` (see :func:`coarsest_roundoff`)."""
         run_dtype = dtype if run_dtype is None else run_dtype
         scale = default_tolerance(dtype).unit_roundoff / default_tolerance(run_dtype).unit_roundoff
         ref = _named_values(truth)
@@ -413,7 +416,8 @@ class Tolerances:
             errs = [e for e in (diff(r, name, t) for r in ran) if e is not None]
             err = max(errs) * scale if errs else None
             sens = max((d for d in (diff(s, name, t) for s in drawn) if d is not None), default=0.0) / delta
-            table[name] = noise_tolerance(dtype, _max_abs(t), run=err, sensitivity=sens, margin=margin)
+            table[name] = noise_tolerance(dtype, _max_abs(t), run=err, sensitivity=sens, margin=margin,
+                                          unit_roundoff=unit_roundoff)
         return cls(dtype, table)
 
     def __call__(self, name: str, ref: Any = None) -> dict[str, Any]:
@@ -446,3 +450,31 @@ def _keep_overflow(truth: dict[str, Any], run: dict[str, Any] | None) -> None:
         bad = ~torch.isfinite(r) & torch.isfinite(t)
         if bool(bad.any()):
             t.copy_(torch.where(bad, r.to(t.dtype), t))
+
+
+def coarsest_roundoff(gm: Any, dtype: torch.dtype) -> float | None:
+    """The unit roundoff of the coarsest floating dtype a captured graph computes in, when it is
+    coarser than ``dtype`` (the model's own code casts down: Hugging Face's Mixtral routes in
+    float32 inside a float64 model), else None. The sharded model's sums then round in that
+    dtype too, and its noise is that dtype's.
+
+    Example::
+
+        >>> import torch.fx as fx
+        >>> g = fx.symbolic_trace(lambda x: x.float().softmax(-1).double())
+        >>> _ = [n.meta.update(tensor_meta=type("M", (), {"dtype": torch.float32})()) for n in g.graph.nodes]
+        >>> coarsest_roundoff(g, torch.float64) == 2.0 ** -24
+        True
+    """
+    own = default_tolerance(dtype).unit_roundoff
+    coarsest = None
+    for node in gm.graph.nodes:
+        metas = node.meta.get("tensor_meta"), node.meta.get("val")
+        for m in metas:
+            for leaf in (m if isinstance(m, (list, tuple)) else [m]):
+                dt = getattr(leaf, "dtype", None)
+                if isinstance(dt, torch.dtype) and dt in DEFAULT_TOLERANCES:
+                    u = DEFAULT_TOLERANCES[dt].unit_roundoff
+                    if u > own and (coarsest is None or u > coarsest):
+                        coarsest = u
+    return coarsest

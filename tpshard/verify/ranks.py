@@ -10,7 +10,6 @@ and a second forward with fresh inputs. Everything comes back on the CPU.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -27,7 +26,7 @@ from tpshard.verify.localize import _Probes, _Recorder, _sharded_tag
 from tpshard.verify.model import _Job
 
 # ---------------------------------------------------------------------------------------------
-# Collective counting: CommDebugMode, plus the bytes each collective moves.
+# Collective counting: per kind, as CommDebugMode counts, plus the bytes each collective moves.
 
 _KIND_NAMES = {"allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce", "all_reduce": "all_reduce",
                "_allgather_base_": "all_gather", "allgather_": "all_gather",
@@ -36,34 +35,35 @@ _KIND_NAMES = {"allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce",
                "reduce_scatter_tensor_coalesced_": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
                "broadcast_": "broadcast", "broadcast": "broadcast", "alltoall_": "all_to_all",
                "alltoall_base_": "all_to_all", "all_to_all_single": "all_to_all"}
+_KINDS = set(_KIND_NAMES.values())
 
 
 def _counter() -> Any:
-    """A ``CommDebugMode`` that also records, per collective kind, the bytes of the largest
-    tensor each call hands over (the all-reduced buffer, the gathered output, the
-    reduce-scattered input): ``.summary()`` -> ``{"all_reduce": {"count": n, "bytes": b}}``."""
-    from torch.distributed.tensor.debug import CommDebugMode
+    """Counts the collectives dispatched, per kind, as ``CommDebugMode`` does, and records the
+    bytes of the largest tensor each call hands over (the all-reduced buffer, the gathered
+    output, the reduce-scattered input): ``.summary()`` -> ``{"all_reduce": {"count": n,
+    "bytes": b}}``. A dispatch mode rather than CommDebugMode itself: its module tracker loses
+    its parent stack inside Hugging Face's experts modules (they call a shared activation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    class _Counter(CommDebugMode):
+    class _Counter(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
+            self.counts: dict[str, int] = defaultdict(int)
             self.bytes: dict[str, int] = defaultdict(int)
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            before = sum(self.comm_counts.values())
-            out = super().__torch_dispatch__(func, types, args, kwargs)
-            if sum(self.comm_counts.values()) > before:
+            out = func(*args, **(kwargs or {}))
+            if func.namespace in ("c10d", "_c10d_functional") and _kind(func._overloadpacket) in _KINDS:
+                kind = _kind(func._overloadpacket)
                 tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, Tensor)]
-                sizes = [t.numel() * t.element_size() for t in tensors]
-                self.bytes[_kind(func._overloadpacket)] += max(sizes, default=0)
+                self.counts[kind] += 1
+                self.bytes[kind] += max((t.numel() * t.element_size() for t in tensors), default=0)
             return out
 
         def summary(self) -> dict[str, dict[str, int]]:
-            counts: dict[str, int] = defaultdict(int)
-            for packet, n in self.get_comm_counts().items():
-                counts[_kind(packet)] += n
-            return {k: {"count": n, "bytes": int(self.bytes.get(k, 0))} for k, n in sorted(counts.items())}
+            return {k: {"count": n, "bytes": int(self.bytes[k])} for k, n in sorted(self.counts.items())}
 
     return _Counter()
 
@@ -149,9 +149,7 @@ def _run_step(module: nn.Module, job: _Job, device: Any, recorder: _Recorder | N
     params0 = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters(remove_duplicate=False)}
     fwd = _counter() if count else contextlib.nullcontext()
     torch.manual_seed(job.seed)
-    with fwd, warnings.catch_warnings():
-        # CommDebugMode's module tracker hooks every module; outputs like ModelOutput make torch warn.
-        warnings.filterwarnings("ignore", message="For backward hooks to be called")
+    with fwd:
         out = module(*args, **kwargs)
     if recorder is not None:
         recorder.close()
@@ -183,9 +181,7 @@ def _backward(module: nn.Module, job: _Job, out: Any, args: Any, kwargs: Any, de
     if not terms:
         return {"no_backward": "the model returns no floating-point tensor that needs a gradient"}
     bwd = _counter() if count else contextlib.nullcontext()
-    with bwd, warnings.catch_warnings():
-        # CommDebugMode's module tracker hooks every module; inputs without grad make torch warn.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    with bwd:
         torch.stack(terms).sum().backward()
     if count:
         result["backward_collectives"] = bwd.summary()
