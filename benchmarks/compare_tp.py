@@ -297,7 +297,11 @@ def _rank_bench(rank: int, world: int, spec: dict) -> dict:
         # this machine's ratios (two identical models differ only by noise).
         "handwritten_aa": lambda: HandwrittenMoELM(ref) if case["model"] == "moe" else build_handwritten(ref),
     }
+    if case["model"] == "moe":  # whole experts per rank (expert parallelism), beside expert TP
+        builders["tpshard_ep"] = lambda: tpshard.parallelize(ref, world, example_inputs=(ids,), expert_parallel=True)
     variants = [v for v in VARIANTS if v in spec["variants"] and not (v == "dtensor" and case["model"] == "moe")]
+    if case["model"] == "moe" and "tpshard" in variants:
+        variants.insert(variants.index("tpshard") + 1, "tpshard_ep")
     if spec.get("aa") and "handwritten" in variants:
         variants.append("handwritten_aa")
     build_s: dict[str, float] = {}
@@ -396,6 +400,7 @@ def _summarize(case: str, world: int, per_rank: list[dict]) -> dict:
         block: dict[str, Any] = {"median_ms": {v: round(1e3 * m, 3) for v, m in med.items()}}
         pairs = [("a/b", "tpshard", "dtensor"), ("a/c", "tpshard", "handwritten"),
                  ("compiled/a", "tpshard_compiled", "tpshard"), ("compiled/c", "tpshard_compiled", "handwritten"),
+                 ("ep/c", "tpshard_ep", "handwritten"), ("ep/a", "tpshard_ep", "tpshard"),
                  ("c'/c (A/A noise)", "handwritten_aa", "handwritten")]
         for key, x, y in pairs:
             if x not in med or y not in med:
