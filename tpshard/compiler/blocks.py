@@ -18,8 +18,12 @@ A block list is stamped only when nothing can tell the copies apart:
   but block 1 does.
 
 Anything else is captured whole, with the reason in ``Captured.note``. Cutting the list is
-temporary (the container's ``_modules`` is restored before :func:`capture_repeated` returns);
-a forward that indexes blocks past the second fails that capture and is captured whole.
+temporary (the container's ``_modules`` is restored when :func:`truncated` exits); a forward
+that indexes blocks past the second fails that capture and is captured whole.
+
+The limit of the index exemption: code that branches on the index in a way blocks 0 and 1
+agree on but a later block does not (``if layer_idx >= 2``) cannot be seen in two blocks. Such
+a model must be captured with ``capture(..., repeated_blocks=False)``.
 
 Example::
 
