@@ -23,7 +23,7 @@ that indexes blocks past the second fails that capture and is captured whole.
 
 The limit of the index exemption: code that branches on the index in a way blocks 0 and 1
 agree on but a later block does not (``if layer_idx >= 2``) cannot be seen in two blocks. Such
-a model must be captured with ``capture(..., repeated_blocks=False)``.
+a model must be captured whole: ``TPSHARD_REPEATED_BLOCKS=0`` (or ``capture(..., repeated_blocks=False)``).
 
 Example::
 

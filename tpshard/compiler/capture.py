@@ -272,13 +272,14 @@ def _twin(gm: fx.GraphModule, substitute: Any) -> fx.GraphModule:
 
 
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None,
-            method: str = "auto", repeated_blocks: bool = True, timeout_s: float | None = None) -> Captured:
+            method: str = "auto", repeated_blocks: bool | None = None, timeout_s: float | None = None) -> Captured:
     """Capture ``model``: symbolic tracing first, ``torch.export`` when tracing fails.
 
     ``method``: "auto", "fx" (symbolic tracing only) or "export". Routed experts modules
-    (:mod:`tpshard.compiler.moe`) are captured as one node each. With ``repeated_blocks``, a
-    list of >= 3 identical blocks is captured as two and stamped (:mod:`tpshard.compiler.blocks`);
-    ``Captured.note`` says so, or why it was captured whole.
+    (:mod:`tpshard.compiler.moe`) are captured as one node each. With ``repeated_blocks``
+    (default: true unless ``$TPSHARD_REPEATED_BLOCKS`` is 0), a list of >= 3 identical blocks
+    is captured as two and stamped (:mod:`tpshard.compiler.blocks`); ``Captured.note`` says so,
+    or why it was captured whole.
 
     ``timeout_s`` bounds the capture (default: ``$TPSHARD_CAPTURE_TIMEOUT_S``, else 300 s; 0 or
     None from the variable: no bound). Past it, :class:`CaptureError` names the source line the
@@ -286,6 +287,8 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
     """
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"capture method {method!r}: use 'auto', 'fx' or 'export'")
+    if repeated_blocks is None:
+        repeated_blocks = os.environ.get("TPSHARD_REPEATED_BLOCKS", "1") != "0"
     if timeout_s is None:
         timeout_s = float(os.environ.get("TPSHARD_CAPTURE_TIMEOUT_S", _DEFAULT_TIMEOUT_S) or 0)
     try:
