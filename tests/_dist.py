@@ -143,6 +143,31 @@ def randomize_(model: nn.Module) -> None:
             p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
+def step_errors(sharded: nn.Module, ref: nn.Module, run: Callable[[nn.Module], torch.Tensor], plan: Any,
+                rank: int, world: int, rel: Callable[[torch.Tensor, torch.Tensor], float] = rel_error,
+                counter: Callable[[], Any] = CommDebugMode) -> tuple[dict[str, float], Any, Any]:
+    """One training step of ``sharded`` against ``ref`` (a deep copy of the original), both
+    called as ``run(model)`` (a tensor: the output, or its logits): the output, every parameter
+    gradient and every parameter after an SGD step, each against the plan's shard of the
+    reference's. Returns (errors, the forward's counter, the backward's counter)."""
+    with counter() as fwd:
+        out = run(sharded)
+    ref_out = run(ref)
+    w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
+    with counter() as bwd:
+        (out * w).sum().backward()
+    (ref_out * w).sum().backward()
+    errors = {"output": rel(out.detach(), ref_out.detach())}
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for name, p in sharded.named_parameters():
+        errors[f"grad {name}"] = rel(p.grad, plan.params[name].shard(ref_params[name].grad, rank, world))
+    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    for name, p in sharded.named_parameters():
+        errors[f"step {name}"] = rel(p.detach(), plan.params[name].shard(ref_params[name].detach(), rank, world))
+    return errors, fwd, bwd
+
+
 def training_step_errors(model: nn.Module, shape: tuple, rank: int, world: int) -> tuple[dict, Any, Any, int]:
     """Shard ``model`` (float64, randomized) and compare one training step with a deep copy:
     output, input gradient, every parameter gradient (through the plan), parameters after an

@@ -19,6 +19,8 @@ from tpshard.compiler import capture, capture_for_plan, make_plan, plan_captured
 from tpshard.compiler.blocks import find_repeated
 from tpshard.verify.launch import run_ranks
 
+from _dist import rel_error, step_errors
+
 tf = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -238,21 +240,10 @@ def _parity(name: str, rank: int, world: int) -> dict:
     model, args, kwargs = CASES[name]()
     ref = copy.deepcopy(model)
     sharded = tpshard.parallelize(model, world, example_inputs=args, example_kwargs=kwargs)
-    errors = {}
-    out, ref_out = _logits(sharded(*args, **kwargs)), _logits(ref(*args, **kwargs))
-    errors["output"] = float((out - ref_out).abs().max() / ref_out.abs().max())
-    w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
-    (out * w).sum().backward()
-    (ref_out * w).sum().backward()
     plan = sharded.tpshard_plan
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for pname, p in sharded.named_parameters():
-        expect = plan.params[pname].shard(ref_params[pname].grad, rank, world)
-        errors[f"grad {pname}"] = float((p.grad - expect).abs().max() / expect.abs().max().clamp_min(1e-4))
-    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    errors, _, _ = step_errors(sharded, ref, lambda m: _logits(m(*args, **kwargs)), plan, rank, world)
     out2, ref2 = _logits(sharded(*args, **kwargs)), _logits(ref(*args, **kwargs))
-    errors["after a step"] = float((out2 - ref2).abs().max() / ref2.abs().max())
+    errors["after a step"] = rel_error(out2.detach(), ref2.detach())
     stamped = [k for k in plan.modules if k.startswith(("model.layers.3.", "transformer.h.3.", "h.3.", "3.",
                                                         "layers.3.", "bert.encoder.layer.3."))]
     return {"errors": errors, "stamped_rows": len(stamped), "capture_note": plan.notes}

@@ -15,7 +15,6 @@ import logging
 
 import pytest
 import torch
-from torch.distributed.tensor.debug import CommDebugMode
 
 import tpshard
 from tpshard import models
@@ -26,7 +25,7 @@ from tpshard.subgroups import replica_group, replica_ranks
 from tpshard.models.llama import LlamaBlock, LlamaConfig, rotary_tables
 from tpshard.verify.launch import run_ranks
 
-from _dist import training_step_errors
+from _dist import step_errors, training_step_errors
 
 DT = torch.float64
 TOL = 1e-10
@@ -188,21 +187,7 @@ def _step(model: torch.nn.Module, ids: torch.Tensor, ids2: torch.Tensor, kw: dic
     sharded = tpshard.parallelize(model, world, example_inputs=(ids,), example_kwargs=kw, plan=plan,
                                   sequence_parallel=sequence_parallel)
     plan = sharded.tpshard_plan
-    with CommDebugMode() as fwd:
-        out = _logits(sharded(ids, **kw))
-    ref_out = _logits(ref(ids, **kw))
-    errors = {"output": _rel(out, ref_out)}
-    w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
-    with CommDebugMode() as bwd:
-        (out * w).sum().backward()
-    (ref_out * w).sum().backward()
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for name, p in sharded.named_parameters():
-        errors[f"grad {name}"] = _rel(p.grad, plan.params[name].shard(ref_params[name].grad, rank, world))
-    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-    for name, p in sharded.named_parameters():
-        errors[f"step {name}"] = _rel(p, plan.params[name].shard(ref_params[name].detach(), rank, world))
+    errors, fwd, bwd = step_errors(sharded, ref, lambda m: _logits(m(ids, **kw)), plan, rank, world, rel=_rel)
     errors["second forward"] = _rel(_logits(sharded(ids2, **kw)), _logits(ref(ids2, **kw)))
     counts = plan.collective_counts()
     return {"errors": errors, "fwd": fwd.get_total_counts(), "bwd": bwd.get_total_counts(),

@@ -22,7 +22,7 @@ import tpshard
 from tpshard import checkpoint, models
 from tpshard.verify.launch import run_ranks
 
-from _dist import comm_counts, rel_error
+from _dist import comm_counts, rel_error, step_errors
 
 tf = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -128,21 +128,7 @@ HF = {"mixtral": (1, 1), "mixtral_bmm": (1, 1), "qwen2_moe": (1, 1), "qwen3_moe"
 
 def _step(sharded: nn.Module, ref: nn.Module, run, plan, rank: int, world: int) -> dict:
     """One training step of both: output, every gradient, parameters after SGD; the collectives."""
-    with Collectives() as fwd:
-        out = run(sharded)
-    ref_out = run(ref)
-    w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
-    with Collectives() as bwd:
-        (out * w).sum().backward()
-    (ref_out * w).sum().backward()
-    errors = {"output": rel_error(out.detach(), ref_out.detach())}
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for pname, p in sharded.named_parameters():
-        errors[f"grad {pname}"] = rel_error(p.grad, plan.params[pname].shard(ref_params[pname].grad, rank, world))
-    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-    for pname, p in sharded.named_parameters():
-        errors[f"step {pname}"] = rel_error(p.detach(), plan.params[pname].shard(ref_params[pname].detach(), rank, world))
+    errors, fwd, bwd = step_errors(sharded, ref, run, plan, rank, world, counter=Collectives)
     errors["second forward"] = rel_error(run(sharded).detach(), run(ref).detach())
     local = sum(p.numel() for p in sharded.parameters())
     full = sum(p.numel() for p in ref.parameters())

@@ -15,14 +15,13 @@ import logging
 
 import pytest
 import torch
-from torch.distributed.tensor.debug import CommDebugMode
 
 import tpshard
 from tpshard import models
 from tpshard.plan import GRAD_ALL_REDUCE, PlanError
 from tpshard.verify.launch import run_ranks
 
-from _dist import comm_counts
+from _dist import comm_counts, step_errors
 
 RTOL = 1e-10
 DT = torch.float64
@@ -62,21 +61,8 @@ def _check(name: str, rank: int, world: int) -> dict:
     ref = copy.deepcopy(model)
     sharded = tpshard.parallelize(model, world, example_inputs=inputs, example_kwargs=kw, sequence_parallel=True)
     plan = sharded.tpshard_plan
-    with CommDebugMode() as fwd:
-        out = _logits(sharded(*inputs, **kw))
-    ref_out = _logits(ref(*inputs, **kw))
-    errors = {"output": _rel(out, ref_out)}
-    w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
-    with CommDebugMode() as bwd:
-        (out * w).sum().backward()
-    (ref_out * w).sum().backward()
+    errors, fwd, bwd = step_errors(sharded, ref, lambda m: _logits(m(*inputs, **kw)), plan, rank, world, rel=_rel)
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for pname, p in sharded.named_parameters():
-        errors[f"grad {pname}"] = _rel(p.grad, plan.params[pname].shard(ref_params[pname].grad, rank, world))
-    torch.optim.SGD(sharded.parameters(), lr=0.1).step()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-    for pname, p in sharded.named_parameters():
-        errors[f"step {pname}"] = _rel(p, plan.params[pname].shard(ref_params[pname], rank, world))
     # Another batch size and sequence length (any multiple of the world size).
     vocab = ref_params[next(iter(ref_params))].shape[0] if name == "hf_llama" else 64
     ids2 = torch.randint(0, min(vocab, 64), (2, 4 * world), generator=torch.Generator().manual_seed(3))
