@@ -49,8 +49,7 @@ import torch.nn as nn
 
 from tpshard.compiler.ir import shape_of
 
-__all__ = ["RepeatedList", "Stamp", "NotRepeatable", "find_repeated", "truncated", "stamp", "build_stamped",
-           "stamp_graph"]
+__all__ = ["RepeatedList", "Stamp", "NotRepeatable", "find_repeated", "truncated", "stamp", "build_stamped"]
 
 _PLAIN = (int, float, bool, str, type(None))
 
@@ -72,14 +71,12 @@ class RepeatedList:
 
 @dataclass
 class Stamp:
-    """How the full graph was made from the two-block one (node names throughout).
-
-    ``base``: every two-block node -> its name in the full graph. ``seg0`` / ``seg1``: the nodes of
-    block 0 and block 1 (two-block names, in order, the block's own ``get_attr`` nodes first).
-    ``after``: the nodes after the blocks. ``copies[k - 2]``: block 1's node -> block k's node, for k = 2 .. count-1."""
+    """How the full graph is made from the two-block one, by node name (the two-block graph's
+    nodes keep theirs). ``seg0`` / ``seg1``: the nodes of block 0 and block 1 (in order, the
+    block's own ``get_attr`` nodes first). ``copies[k - 2]``: block 1's node -> block k's node,
+    for k = 2 .. count-1."""
 
     blocks: RepeatedList
-    base: dict[str, str] = field(default_factory=dict)
     seg0: list[str] = field(default_factory=list)
     seg1: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)  # the nodes after the blocks
@@ -292,7 +289,7 @@ def stamp(two: fx.GraphModule, blocks: RepeatedList) -> Stamp:
     outs = _match(blocks, attrs0, seg0, attrs1, seg1)
     order = list(two.graph.nodes)
     used = {n.name for n in order}
-    result = Stamp(blocks, base={n: n for n in used}, seg0=[n.name for n in attrs0 + seg0],
+    result = Stamp(blocks, seg0=[n.name for n in attrs0 + seg0],
                    seg1=[n.name for n in attrs1 + seg1],
                    after=[n.name for n in order[order.index(seg1[-1]) + 1:]], outs=sorted(outs))
     for k in range(2, blocks.count):
@@ -354,9 +351,3 @@ def build_stamped(two: fx.GraphModule, model: nn.Module, st: Stamp) -> fx.GraphM
     graph.lint()
     full.recompile()
     return full
-
-
-def stamp_graph(two: fx.GraphModule, model: nn.Module, blocks: RepeatedList) -> tuple[fx.GraphModule, Stamp]:
-    """:func:`stamp` and :func:`build_stamped` together."""
-    st = stamp(two, blocks)
-    return build_stamped(two, model, st), st

@@ -41,15 +41,21 @@ class _Names:
     """Renames names of block 1 (and of block 0, the block before it) to those of block ``k``
     (and of block k-1): module paths by prefix, node names through the stamp's maps."""
 
-    def __init__(self, stamp: Stamp, k: int, known: set[str] = frozenset()) -> None:
+    def __init__(self, stamp: Stamp, k: int, known: set[str] = frozenset()) -> None:  # k >= 2
         self.known = known  # the module paths reasons may name
         blocks = stamp.blocks
         self.paths = [(blocks.block(1), blocks.block(k)), (blocks.block(0), blocks.block(k - 1))]
-        one_to_k = dict(zip(stamp.seg1, stamp.seg1)) if k == 1 else stamp.copies[k - 2]
-        zero_to_prev = (dict(zip(stamp.seg0, stamp.seg0)) if k == 1 else
-                        dict(zip(stamp.seg0, stamp.seg1)) if k == 2 else
+        zero_to_prev = (dict(zip(stamp.seg0, stamp.seg1)) if k == 2 else
                         {a: stamp.copies[k - 3][b] for a, b in zip(stamp.seg0, stamp.seg1)})
-        self.nodes = {**zero_to_prev, **one_to_k}
+        self.nodes = {**zero_to_prev, **stamp.copies[k - 2]}
+
+    @classmethod
+    def block0_as_block1(cls, stamp: Stamp, known: set[str]) -> "_Names":
+        """Block 0's names as block 1's (what comes before the blocks stays as it is)."""
+        names = cls.__new__(cls)
+        names.known, names.paths = known, [(stamp.blocks.block(0), stamp.blocks.block(1))]
+        names.nodes = dict(zip(stamp.seg0, stamp.seg1))
+        return names
 
     def __call__(self, name: str) -> str:
         if name in self.nodes:
@@ -107,8 +113,7 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
     if any(_in(a, b0) or _in(a, b1) or _in(t, b0) or _in(t, b1) for a, t in two.ties.items()):
         raise NotRepeatable("a block's parameter is tied")
     known = {*two.modules, *(p.rpartition(".")[0] for p in two.params)}
-    zero_to_one = _Names(stamp, 2, known)  # block 0's names as block 1's
-    zero_to_one.paths, zero_to_one.nodes = [(b0, b1)], dict(zip(stamp.seg0, stamp.seg1))
+    zero_to_one = _Names.block0_as_block1(stamp, known)
 
     def same(kind: str, xs: Any, ys: Any) -> None:
         if xs != ys:
@@ -171,8 +176,8 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
     # out0 and out1 differ by their readers (the next block; what comes after the blocks), so
     # they are not compared: block 1's outputs are block 0's when its rows and own edits are.
 
-    renames = [_Names(stamp, k, known) for k in range(2, b.count)]
-    last = renames[-1] if renames else None
+    renames = [_Names(stamp, k, known) for k in range(2, b.count)]  # count >= 3: never empty
+    last = renames[-1]
     middle = {m.path: m.collectives for m in rows0}  # block 1's paths -> block 0's collectives
     followed = [(k, dataclasses.replace(m, collectives=dict(middle[k])) if _in(k, b1) else m) for k, m in rows]
     stamped_rows = [(r(k), _row(m if r is last else dataclasses.replace(m, collectives=dict(middle[k])), r, r.prose))
@@ -200,7 +205,7 @@ def stamp_plan(two: Plan, stamp: Stamp) -> Plan:
     for i, e in enumerate(two.edits):
         if e.joint is not None and e.joint > last_joint:  # after the blocks: after every block's
             e = dataclasses.replace(e, joint=e.joint + (b.count - 2) * per_block)
-        if last is not None and (e.node in after or i in out1):
+        if e.node in after or i in out1:
             e = _edit(e, last)
         elif e.node not in seg0 | seg1 and any(u in seg1 for u in e.users):
             e = dataclasses.replace(e, users=e.users + [r(u) for r in renames for u in e.users if u in seg1])
